@@ -1,0 +1,35 @@
+# `make demo` and `make test` create (or reuse) .venv and install the pinned
+# requirements plus this package (editable) before running anything.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+WORKDIR ?= workdirs/demo
+
+.PHONY: install test demo benchmark clean
+
+install: $(STAMP)
+
+$(STAMP): requirements.txt setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade "pip>=24"
+	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps -e ".[test]"
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q -n 2 tests
+
+NTH := $(PY) -m launch.train_nth_farthest --config=launch/configs/nth_farthest.py:cpu
+
+demo: $(STAMP)
+	$(NTH) --config.core=rmc --workdir=$(WORKDIR)/rmc
+	$(NTH) --config.core=lstm --workdir=$(WORKDIR)/lstm
+	$(PY) -m launch.plot --workdirs=$(WORKDIR)/rmc,$(WORKDIR)/lstm \
+	    --out=$(WORKDIR)/nth_farthest.png
+
+benchmark: $(STAMP)
+	$(PY) -m benchmarks.core_throughput
+
+clean:
+	rm -rf $(VENV) *.egg-info

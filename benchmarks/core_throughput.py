@@ -1,0 +1,193 @@
+r"""Forward+backward throughput of the memory cores against the machine's matmul peak.
+
+For each named config it times one jitted step that computes the gradient of
+a loss on `core.unroll` outputs with respect to all parameters, reports the
+median over repeated runs after warm-up, and compares the analytic matmul
+FLOPs per token with the float32 matmul rate measured in the same run.
+
+  python -m benchmarks.core_throughput                 # all configs, RMC and LSTM
+  python -m benchmarks.core_throughput --configs=C1,C3 --cores=rmc --repeats=5
+
+The LSTM baseline of each config has about the RMC's parameter count.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import platform
+import time
+from typing import Callable
+
+from absl import app
+from absl import flags
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rmc_jax import make_core
+
+_CONFIGS = flags.DEFINE_list("configs", ["C1", "C2", "C3", "C4"],
+                             "Named configs to run.")
+_CORES = flags.DEFINE_list("cores", ["rmc", "lstm"], "Cores to time.")
+_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed runs per measurement.")
+_REMAT = flags.DEFINE_bool("remat", False, "Use remat in the RMC unroll.")
+_JSON = flags.DEFINE_string("json", None, "Also write the results here.")
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchConfig:
+  mem_slots: int
+  head_size: int
+  num_heads: int
+  mlp_layers: int
+  input_size: int
+  batch: int
+  steps: int
+  key_size: int | None = None
+
+  @property
+  def mem_size(self) -> int:
+    return self.head_size * self.num_heads
+
+  def rmc_kwargs(self) -> dict:
+    return dict(mem_slots=self.mem_slots, head_size=self.head_size,
+                num_heads=self.num_heads, attention_mlp_layers=self.mlp_layers,
+                key_size=self.key_size, num_blocks=1, gate_style="unit")
+
+
+CONFIGS = {
+    "C1": BenchConfig(4, 64, 4, 2, 40, 64, 8),
+    "C2": BenchConfig(1, 192, 4, 3, 192, 32, 100, key_size=64),
+    "C3": BenchConfig(1, 625, 4, 5, 512, 8, 100),
+    "C4": BenchConfig(8, 64, 4, 2, 64, 32, 100),
+}
+
+
+def rmc_forward_flops_per_token(c: BenchConfig) -> float:
+  """Matmul FLOPs of one RMC step per batch element (one input row, one block)."""
+  f, n, h = c.mem_size, c.mem_slots, c.num_heads
+  dk = c.key_size or c.head_size
+  rows = n + 1
+  d_qkv = h * (2 * dk + c.head_size)
+  flops = 2 * c.input_size * f                        # input projection
+  flops += 2 * rows * f * d_qkv                       # qkv
+  flops += 2 * h * rows * rows * (dk + c.head_size)   # q k^T and weights @ v
+  flops += c.mlp_layers * 2 * rows * f * f            # attention MLP
+  flops += 2 * f * 2 * f + 2 * n * f * 2 * f          # unit gates: input, memory
+  return float(flops)
+
+
+def lstm_forward_flops_per_token(input_size: int, hidden: int) -> float:
+  return float(2 * (input_size + hidden) * 4 * hidden)
+
+
+def lstm_hidden_for(num_params: int, input_size: int) -> int:
+  """Hidden size of a one-layer LSTM with about `num_params` parameters."""
+  # 4H^2 + 4H(D + 1) = P.
+  b = 4 * (input_size + 1)
+  return max(1, round((-b + math.sqrt(b * b + 16 * num_params)) / 8))
+
+
+def median_seconds(fn: Callable[[], object], repeats: int) -> float:
+  jax.block_until_ready(fn())  # warm-up (and compilation).
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - start)
+  return float(np.median(times))
+
+
+def measure_matmul_peak(size: int = 2048, repeats: int = 10) -> float:
+  """Float32 FLOP/s of a jitted square matmul on the default device."""
+  key_a, key_b = jax.random.split(jax.random.PRNGKey(0))
+  a = jax.random.normal(key_a, (size, size), jnp.float32)
+  b = jax.random.normal(key_b, (size, size), jnp.float32)
+  matmul = jax.jit(jnp.dot)
+  return 2 * size**3 / median_seconds(lambda: matmul(a, b), repeats)
+
+
+def time_core(core_name: str, core_kwargs: dict, c: BenchConfig,
+              repeats: int, remat: bool) -> tuple[int, float]:
+  """Returns (parameter count, median seconds of one forward+backward)."""
+
+  def loss_fn(inputs_TBD):
+    core = make_core(core_name, **core_kwargs)
+    extra = {"remat": True} if remat and core_name == "rmc" else {}
+    outputs, _ = core.unroll(inputs_TBD, core.initial_state(c.batch), **extra)
+    return jnp.mean(jnp.square(outputs))
+
+  model = hk.without_apply_rng(hk.transform(loss_fn))
+  inputs = jax.random.normal(jax.random.PRNGKey(1),
+                             (c.steps, c.batch, c.input_size))
+  params = model.init(jax.random.PRNGKey(2), inputs)
+  num_params = sum(x.size for x in jax.tree.leaves(params))
+  grad_fn = jax.jit(jax.grad(model.apply))
+  return num_params, median_seconds(lambda: grad_fn(params, inputs), repeats)
+
+
+def count_rmc_params(c: BenchConfig) -> int:
+  """Parameter count of the config's RMC, from shapes only."""
+
+  def init(x):
+    core = make_core("rmc", **c.rmc_kwargs())
+    return core.unroll(x, core.initial_state(1))
+  shapes = jax.eval_shape(hk.transform(init).init, jax.random.PRNGKey(0),
+                          jnp.zeros((1, 1, c.input_size)))
+  return sum(math.prod(s.shape) for s in jax.tree.leaves(shapes))
+
+
+def main(argv):
+  del argv
+  unknown = sorted(set(_CONFIGS.value) - set(CONFIGS))
+  if unknown:
+    raise app.UsageError(f"--configs: unknown {unknown}; expected some of "
+                         f"{sorted(CONFIGS)}.")
+  peak = measure_matmul_peak()
+  print(f"device: {jax.devices()[0].device_kind} ({platform.processor() or platform.machine()}), "
+        f"jax {jax.__version__}")
+  print(f"measured float32 matmul peak: {peak / 1e9:.1f} GFLOP/s\n")
+  header = (f"{'config':6} {'core':5} {'params':>11} {'tokens/s':>10} "
+            f"{'GFLOP/token':>11} {'GFLOP/s':>8} {'% peak':>7}")
+  print(header)
+  print("-" * len(header))
+  results = []
+  for name in _CONFIGS.value:
+    c = CONFIGS[name]
+    rmc_params = None
+    for core_name in _CORES.value:
+      if core_name == "rmc":
+        kwargs = c.rmc_kwargs()
+        fwd = rmc_forward_flops_per_token(c)
+      else:
+        if rmc_params is None:
+          rmc_params = count_rmc_params(c)
+        hidden = lstm_hidden_for(rmc_params, c.input_size)
+        kwargs = dict(hidden_sizes=(hidden,))
+        fwd = lstm_forward_flops_per_token(c.input_size, hidden)
+      num_params, seconds = time_core(core_name, kwargs, c, _REPEATS.value,
+                                      _REMAT.value)
+      if core_name == "rmc":
+        rmc_params = num_params
+      tokens_per_s = c.batch * c.steps / seconds
+      flops_per_token = 3 * fwd  # backward is about twice the forward.
+      achieved = flops_per_token * tokens_per_s
+      row = dict(config=name, core=core_name, params=num_params,
+                 tokens_per_s=tokens_per_s, flops_per_token=flops_per_token,
+                 achieved_flops=achieved, peak_flops=peak,
+                 fraction_of_peak=achieved / peak, core_kwargs=kwargs,
+                 seconds_per_step=seconds)
+      results.append(row)
+      print(f"{name:6} {core_name:5} {num_params:>11,} {tokens_per_s:>10,.0f} "
+            f"{flops_per_token / 1e9:>11.4f} {achieved / 1e9:>8.1f} "
+            f"{100 * achieved / peak:>6.1f}%", flush=True)
+  if _JSON.value:
+    with open(_JSON.value, "w") as f:
+      json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,68 @@
+"""What every launcher does around the training loop.
+
+Validates the config (a bad value is one line on stderr and exit code 2),
+initialises multi-host JAX on `--distributed`, builds the task, trains, and
+turns a non-finite loss into a one-line error with exit code 1.
+"""
+
+from __future__ import annotations
+
+import json
+import logging as py_logging
+import sys
+from typing import Callable
+
+from absl import flags
+from absl import logging
+import jax
+import ml_collections
+
+from rmc_jax.training import config as config_lib
+from rmc_jax.training.config import ConfigError
+from rmc_jax.training.loop import NonFiniteLossError, Task, train
+from rmc_jax.training.mesh import DataMesh
+
+__all__ = ["ConfigError", "run"]
+
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False,
+    "Call jax.distributed.initialize() first (one process per host; "
+    "coordinator and process ids come from the cluster environment).")
+
+
+def run(make_task: Callable[[], Task], config: ml_collections.ConfigDict,
+        workdir: str,
+        validate: Callable[[ml_collections.ConfigDict], None] | None = None
+        ) -> dict:
+  """Validates, builds the task, trains in `workdir`; exits on bad input."""
+  if _DISTRIBUTED.value:
+    jax.distributed.initialize()
+  logging.set_verbosity(logging.INFO)
+  # Orbax narrates every save at INFO; keep its warnings, drop the rest.
+  logging.get_absl_handler().addFilter(
+      lambda r: r.levelno >= py_logging.WARNING or "/orbax/" not in r.pathname)
+  try:
+    config_lib.validate(config)
+    if validate is not None:
+      validate(config)
+    mesh = DataMesh()
+    mesh.check_batch_size(config.batch_size, "--config.batch_size")
+    if "eval_batch_size" in config:
+      mesh.check_batch_size(config.eval_batch_size, "--config.eval_batch_size")
+    task = make_task()
+  except ValueError as e:  # ConfigError and the library's argument checks.
+    _fail(str(e), code=2)
+  try:
+    summary = train(task, config, workdir, mesh)
+  except NonFiniteLossError as e:
+    _fail(str(e), code=1)
+  if jax.process_index() == 0:
+    print(json.dumps({k: summary[k] for k in
+                      ("status", "step", "num_params", "steps_per_sec",
+                       "train", "eval")}, indent=1, default=str))
+  return summary
+
+
+def _fail(message: str, code: int):
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(code)

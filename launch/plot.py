@@ -1,0 +1,106 @@
+r"""Compares runs: learning curves (PNG) and a table from any set of workdirs.
+
+  python -m launch.plot --workdirs=workdirs/demo/rmc,workdirs/demo/lstm \
+      --out=workdirs/demo/curves.png [--metric=accuracy]
+
+Each curve is labelled by its workdir's name; the table lists the core, the
+parameter count, the final held-out (eval) metrics and the training speed read
+from `summary.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from absl import app
+from absl import flags
+
+from rmc_jax.training.metrics import read_jsonl
+
+_WORKDIRS = flags.DEFINE_list("workdirs", None, "Run directories to compare.",
+                              required=True)
+_OUT = flags.DEFINE_string("out", None, "PNG file to write (optional).")
+_METRIC = flags.DEFINE_string("metric", "accuracy",
+                              "Metric on the y axis of the first panel.")
+
+
+def load_run(workdir: str) -> dict:
+  """Reads a workdir's metrics.jsonl, summary.json and config.json."""
+  metrics_path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(metrics_path):
+    raise FileNotFoundError(f"{metrics_path}: no metrics (is this a workdir?)")
+  run = {"name": os.path.basename(os.path.normpath(workdir)),
+         "rows": read_jsonl(metrics_path), "summary": {}, "config": {}}
+  for key in ("summary", "config"):
+    path = os.path.join(workdir, f"{key}.json")
+    if os.path.exists(path):
+      with open(path, encoding="utf-8") as f:
+        run[key] = json.load(f)
+  return run
+
+
+def series(run: dict, split: str, metric: str) -> tuple[list[int], list[float]]:
+  """(steps, values) of `metric` in `split`, the last value kept per step."""
+  points = {r["step"]: r[metric] for r in run["rows"]
+            if r["split"] == split and isinstance(r.get(metric), (int, float))}
+  steps = sorted(points)
+  return steps, [points[s] for s in steps]
+
+
+def table(runs: list[dict], metric: str) -> str:
+  """A fixed-width text table of the runs' final numbers."""
+  header = (f"{'run':16} {'core':5} {'params':>10} {'steps':>6} "
+            f"{'eval ' + metric:>14} {'eval loss':>10} {'steps/s':>8}")
+  lines = [header, "-" * len(header)]
+  for run in runs:
+    s = run["summary"]
+    ev = s.get("eval") or {}
+    _, values = series(run, "eval", metric)
+    final = ev.get(metric, values[-1] if values else float("nan"))
+    lines.append(
+        f"{run['name'][:16]:16} {str(s.get('core', '?')):5} "
+        f"{s.get('num_params', 0):>10,} {s.get('step', 0):>6} "
+        f"{final:>14.4f} {ev.get('loss', float('nan')):>10.4f} "
+        f"{(s.get('train') or {}).get('steps_per_sec', float('nan')):>8.1f}")
+  return "\n".join(lines)
+
+
+def plot(runs: list[dict], out: str, metric: str) -> None:
+  """Writes eval `metric` and train loss against steps, one line per run."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  fig, (ax_metric, ax_loss) = plt.subplots(1, 2, figsize=(10, 3.8), dpi=100)
+  for run in runs:
+    ax_metric.plot(*series(run, "eval", metric), marker=".", label=run["name"])
+    ax_loss.plot(*series(run, "train", "loss"), label=run["name"])
+  ax_metric.set(xlabel="step", ylabel=f"held-out {metric}",
+                title=f"held-out {metric}")
+  ax_loss.set(xlabel="step", ylabel="training loss", title="training loss")
+  for ax in (ax_metric, ax_loss):
+    ax.grid(alpha=0.3)
+    ax.legend()
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+  fig.savefig(out)
+  plt.close(fig)
+
+
+def main(argv):
+  del argv
+  try:
+    runs = [load_run(w) for w in _WORKDIRS.value]
+  except FileNotFoundError as e:
+    print(f"error: --workdirs: {e}", file=sys.stderr)
+    sys.exit(2)
+  print(table(runs, _METRIC.value))
+  if _OUT.value:
+    plot(runs, _OUT.value, _METRIC.value)
+    print(f"\nlearning curves written to {_OUT.value}")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,40 @@
+"""Memory cores behind one contract, chosen by name with `make_core`."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable
+
+import haiku as hk
+
+from rmc_jax.cores.lstm import LSTMStack
+from rmc_jax.cores.relational_memory import RelationalMemory, StepInfo
+
+CORES: dict[str, Callable[..., hk.RNNCore]] = {
+    "rmc": RelationalMemory,
+    "lstm": LSTMStack,
+}
+
+
+def make_core(name: str, **kwargs: Any) -> hk.RNNCore:
+  """Builds the core registered as `name` (inside an `hk.transform`).
+
+  Every core implements `initial_state(batch_size)`, `__call__(x_B, state)`
+  and a time-major `unroll(x_TB, state)` equal to `hk.dynamic_unroll`.
+
+  Raises:
+    ValueError: for an unknown core name or an argument the core lacks.
+  """
+  if name not in CORES:
+    raise ValueError(f"Unknown core {name!r}; expected one of "
+                     f"{sorted(CORES)}.")
+  ctor = CORES[name]
+  accepted = inspect.signature(ctor).parameters
+  unknown = sorted(set(kwargs) - set(accepted))
+  if unknown:
+    raise ValueError(f"Core {name!r} does not take {unknown}; it accepts "
+                     f"{sorted(p for p in accepted if p != 'name')}.")
+  return ctor(**kwargs)
+
+
+__all__ = ["CORES", "LSTMStack", "RelationalMemory", "StepInfo", "make_core"]

@@ -1,0 +1,1 @@
+"""Data generators and task definitions for RMC experiments."""

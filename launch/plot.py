@@ -4,8 +4,8 @@ r"""Compares runs: learning curves (PNG) and a table from any set of workdirs.
       --out=workdirs/demo/curves.png [--metric=accuracy]
 
 Each curve is labelled by its workdir's name; the table lists the core, the
-parameter count, the final held-out (eval) metrics and the training speed read
-from `summary.json`.
+parameter count, the final held-out (eval) metrics and the run's average
+training speed (evaluation and checkpoints included) from `summary.json`.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def table(runs: list[dict], metric: str) -> str:
         f"{run['name'][:16]:16} {str(s.get('core', '?')):5} "
         f"{s.get('num_params', 0):>10,} {s.get('step', 0):>6} "
         f"{final:>14.4f} {ev.get('loss', float('nan')):>10.4f} "
-        f"{(s.get('train') or {}).get('steps_per_sec', float('nan')):>8.1f}")
+        f"{s.get('steps_per_sec') or float('nan'):>8.1f}")
   return "\n".join(lines)
 
 

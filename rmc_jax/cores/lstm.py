@@ -39,6 +39,8 @@ class LSTMStack(hk.RNNCore):
     self.hidden_sizes = hidden_sizes
     self.skip_connections = bool(skip_connections)
     self.forget_bias = float(forget_bias)
+    self._layers = [_LayerParams(h, name=f"layer_{l}")
+                    for l, h in enumerate(hidden_sizes)]
 
   def initial_state(self, batch_size: int | None) -> LSTMStackState:
     """Zero hidden and cell states per layer ([B, H_l], or [H_l] if None)."""
@@ -46,15 +48,6 @@ class LSTMStack(hk.RNNCore):
     return tuple(hk.LSTMState(hidden=jnp.zeros(shape(h)),
                               cell=jnp.zeros(shape(h)))
                  for h in self.hidden_sizes)
-
-  def _params(self, layer: int, input_size: int):
-    h = self.hidden_sizes[layer]
-    init = hk.initializers.TruncatedNormal(1.0 / math.sqrt(input_size + h))
-    with hk.name_scope(f"layer_{layer}"):
-      w_x = hk.get_parameter("w_x", [input_size, 4 * h], init=init)
-      w_h = hk.get_parameter("w_h", [h, 4 * h], init=init)
-      b = hk.get_parameter("b", [4 * h], init=jnp.zeros)
-    return w_x, w_h, b
 
   def _cell(self, pre_B4H: jax.Array, w_h: jax.Array,
             state: hk.LSTMState) -> hk.LSTMState:
@@ -79,7 +72,7 @@ class LSTMStack(hk.RNNCore):
     below, hiddens, next_state = None, [], []
     for layer, state in enumerate(prev_state):
       layer_in = self._layer_inputs(x, below)
-      w_x, w_h, b = self._params(layer, layer_in.shape[-1])
+      w_x, w_h, b = self._layers[layer](layer_in.shape[-1])
       state = self._cell(layer_in @ w_x + b, w_h, state)
       below = state.hidden
       hiddens.append(below)
@@ -93,7 +86,7 @@ class LSTMStack(hk.RNNCore):
     below, hiddens, final_state = None, [], []
     for layer, layer_state in enumerate(state):
       layer_in = self._layer_inputs(x, below)
-      w_x, w_h, b = self._params(layer, layer_in.shape[-1])
+      w_x, w_h, b = self._layers[layer](layer_in.shape[-1])
       pre_TB4H = layer_in @ w_x + b
 
       def step(s, pre_B4H, w_h=w_h):
@@ -104,3 +97,20 @@ class LSTMStack(hk.RNNCore):
       hiddens.append(below)
       final_state.append(layer_state)
     return self._output(hiddens), tuple(final_state)
+
+
+class _LayerParams(hk.Module):
+  """Owns one layer's weights, so both `__call__` and `unroll` find them at
+  `lstm_stack/~/layer_{l}` (a name scope would add the calling method's name)."""
+
+  def __init__(self, hidden_size: int, name: str):
+    super().__init__(name=name)
+    self._hidden_size = hidden_size
+
+  def __call__(self, input_size: int):
+    h = self._hidden_size
+    init = hk.initializers.TruncatedNormal(1.0 / math.sqrt(input_size + h))
+    w_x = hk.get_parameter("w_x", [input_size, 4 * h], init=init)
+    w_h = hk.get_parameter("w_h", [h, 4 * h], init=init)
+    b = hk.get_parameter("b", [4 * h], init=jnp.zeros)
+    return w_x, w_h, b

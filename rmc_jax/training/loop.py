@@ -66,6 +66,9 @@ class Task:
     eval_batches: held-out batches (a fixed set), averaged with equal weight.
     init_carry: global batch size -> initial carried state (leading axis =
       batch), or None for stateless tasks.
+    observe: called on the host with the averaged training metrics at every
+      log step (e.g. to advance a curriculum from the loss); its effect on
+      the iterator is checkpointed with the iterator state.
   """
 
   init: Callable[[jax.Array, Batch], Params]
@@ -75,6 +78,7 @@ class Task:
   evaluate: Callable[[Params, Batch], dict] | None = None
   eval_batches: Iterable[Batch] = ()
   init_carry: Callable[[int], Carry] | None = None
+  observe: Callable[[dict], None] | None = None
 
 
 class TrainState(NamedTuple):
@@ -164,6 +168,8 @@ def train(task: Task, config: ml_collections.ConfigDict, workdir: str,
         if step % config.log_every == 0 or stopping:
           last_train = dict(logged, **rates)
           writer.write(step, "train", last_train)
+          if task.observe is not None:
+            task.observe(last_train)
       if eval_fn is not None and eval_batches and (
           step % config.eval_every == 0 or step == config.num_steps):
         last_eval = _evaluate(eval_fn, state.params, eval_batches, mesh)

@@ -7,12 +7,14 @@ from typing import Any, Callable
 
 import haiku as hk
 
+from rmc_jax.cores.dnc import DNC, DNCState
 from rmc_jax.cores.lstm import LSTMStack
 from rmc_jax.cores.relational_memory import RelationalMemory, StepInfo
 
 CORES: dict[str, Callable[..., hk.RNNCore]] = {
     "rmc": RelationalMemory,
     "lstm": LSTMStack,
+    "dnc": DNC,
 }
 
 
@@ -37,4 +39,5 @@ def make_core(name: str, **kwargs: Any) -> hk.RNNCore:
   return ctor(**kwargs)
 
 
-__all__ = ["CORES", "LSTMStack", "RelationalMemory", "StepInfo", "make_core"]
+__all__ = ["CORES", "DNC", "DNCState", "LSTMStack", "RelationalMemory",
+           "StepInfo", "make_core"]

@@ -42,6 +42,10 @@ def base_config() -> ml_collections.ConfigDict:
       forget_bias=1.0, input_bias=0.0), type_safe=False)
   c.lstm = ml_collections.ConfigDict(dict(
       hidden_sizes=(512,), skip_connections=False), type_safe=False)
+  c.dnc = ml_collections.ConfigDict(dict(
+      memory_size=16, word_size=16, num_reads=4, num_writes=1,
+      controller="lstm", controller_sizes=(128, 128), clip_value=20.0),
+      type_safe=False)
   return c
 
 

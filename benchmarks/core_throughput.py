@@ -8,7 +8,9 @@ FLOPs per token with the float32 matmul rate measured in the same run.
   python -m benchmarks.core_throughput                 # all configs, RMC and LSTM
   python -m benchmarks.core_throughput --configs=C1,C3 --cores=rmc --repeats=5
 
-The LSTM baseline of each config has about the RMC's parameter count.
+The LSTM baseline of each config has about the RMC's parameter count; the DNC
+is the paper's Learning-to-Execute baseline (memory 80 x 64, 4 reads, 1 write,
+2-layer LSTM controller of 256) on the config's inputs.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from rmc_jax import make_core
 
 _CONFIGS = flags.DEFINE_list("configs", ["C1", "C2", "C3", "C4"],
                              "Named configs to run.")
-_CORES = flags.DEFINE_list("cores", ["rmc", "lstm"], "Cores to time.")
+_CORES = flags.DEFINE_list("cores", ["rmc", "lstm", "dnc"], "Cores to time.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed runs per measurement.")
 _REMAT = flags.DEFINE_bool("remat", False, "Use remat in the RMC unroll.")
 _JSON = flags.DEFINE_string("json", None, "Also write the results here.")
@@ -77,6 +79,28 @@ def rmc_forward_flops_per_token(c: BenchConfig) -> float:
   flops += 2 * h * rows * rows * (dk + c.head_size)   # q k^T and weights @ v
   flops += c.mlp_layers * 2 * rows * f * f            # attention MLP
   flops += 2 * f * 2 * f + 2 * n * f * 2 * f          # unit gates: input, memory
+  return float(flops)
+
+
+DNC_KWARGS = dict(memory_size=80, word_size=64, num_reads=4, num_writes=1,
+                  controller="lstm", controller_sizes=(256, 256))
+
+
+def dnc_forward_flops_per_token(input_size: int, memory_size: int,
+                                word_size: int, num_reads: int,
+                                controller_sizes: tuple[int, ...],
+                                **unused) -> float:
+  """Matmul-like FLOPs of one DNC step (one write head, LSTM controller)."""
+  m, w, r = memory_size, word_size, num_reads
+  flops, below = 0, input_size + r * w
+  for h in controller_sizes:
+    flops += 2 * (below + h) * 4 * h
+    below = h
+  interface = r * w + 3 * w + 5 * r + 3
+  flops += 2 * below * interface + 2 * (below + r * w) * below
+  flops += 2 * m * w * (r + 1)        # content similarities (reads + write)
+  flops += 2 * 2 * m * w + 2 * m * w * r  # erase/write outer products, reads
+  flops += 4 * m * m + 2 * 2 * r * m * m  # link update, forward/backward reads
   return float(flops)
 
 
@@ -146,6 +170,10 @@ def main(argv):
   if unknown:
     raise app.UsageError(f"--configs: unknown {unknown}; expected some of "
                          f"{sorted(CONFIGS)}.")
+  bad_cores = sorted(set(_CORES.value) - {"rmc", "lstm", "dnc"})
+  if bad_cores:
+    raise app.UsageError(f"--cores: unknown {bad_cores}; expected some of "
+                         "rmc, lstm, dnc.")
   peak = measure_matmul_peak()
   print(f"device: {jax.devices()[0].device_kind} ({platform.processor() or platform.machine()}), "
         f"jax {jax.__version__}")
@@ -162,6 +190,9 @@ def main(argv):
       if core_name == "rmc":
         kwargs = c.rmc_kwargs()
         fwd = rmc_forward_flops_per_token(c)
+      elif core_name == "dnc":
+        kwargs = DNC_KWARGS
+        fwd = dnc_forward_flops_per_token(c.input_size, **DNC_KWARGS)
       else:
         if rmc_params is None:
           rmc_params = count_rmc_params(c)

@@ -40,6 +40,11 @@ def get_config(variant: str = "cpu"):
   # 4 slots x 4 heads x 64 = 1024 total units; scalar gating.
   c.rmc.update(mem_slots=4, num_heads=4, head_size=64, gate_style="memory")
   c.lstm.update(hidden_sizes=(1024, 1024), skip_connections=True)
+  # The paper's DNC: memory 80 x 64, 4 reads, 1 write, 2-layer controller
+  # (LSTM for programs; use --config.dnc.controller=feedforward for the
+  # memorisation tasks, as the paper did).
+  c.dnc.update(memory_size=80, word_size=64, num_reads=4, num_writes=1,
+               controller="lstm", controller_sizes=(256, 256))
   if variant == "cpu":
     c.max_length = 2
     c.max_nesting = 1
@@ -52,4 +57,6 @@ def get_config(variant: str = "cpu"):
     c.mlp_sizes = (128, 128)
     c.rmc.update(mem_slots=2, num_heads=2, head_size=32)
     c.lstm.update(hidden_sizes=(256,), skip_connections=False)
+    c.dnc.update(memory_size=16, word_size=16, num_reads=2,
+                 controller_sizes=(128,))
   return c

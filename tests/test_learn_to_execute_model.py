@@ -1,0 +1,140 @@
+"""Tests of the Learning-to-Execute model, loss and Task."""
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from launch.configs import learn_to_execute as lte_configs
+from rmc_jax.tasks import learn_to_execute as lte
+from rmc_jax.tasks import learn_to_execute_model as model_lib
+
+
+def test_masked_unroll_freezes_state_at_each_length():
+  """The encoder state equals a plain loop of steps up to each sample's length."""
+  t, b, d = 6, 3, 5
+  lengths = np.array([6, 2, 4])
+  x = jax.random.normal(jax.random.PRNGKey(0), (t, b, d))
+  mask = (np.arange(t)[:, None] < lengths[None, :]).astype(np.float32)
+
+  def masked(x):
+    core = hk.LSTM(7)
+    return model_lib.masked_unroll(core, x, mask, core.initial_state(b))
+
+  def per_example(x):
+    core = hk.LSTM(7)
+    finals = []
+    for i in range(b):
+      state = core.initial_state(1)
+      for step in range(lengths[i]):
+        _, state = core(x[step, i:i + 1], state)
+      finals.append(state.hidden)
+    return jnp.concatenate(finals)
+
+  f_masked = hk.without_apply_rng(hk.transform(masked))
+  f_loop = hk.without_apply_rng(hk.transform(per_example))
+  params = f_masked.init(jax.random.PRNGKey(1), x)
+  np.testing.assert_allclose(f_masked.apply(params, x).hidden,
+                             f_loop.apply(params, x), atol=1e-6)
+
+
+def test_loss_and_metrics_against_numpy():
+  rng = np.random.default_rng(0)
+  b, t, v = 4, 5, lte.VOCAB_SIZE
+  logits = rng.normal(size=(b, t, v)).astype(np.float32)
+  targets = rng.integers(0, v, size=(b, t)).astype(np.int32)
+  lengths = np.array([5, 1, 3, 2], np.int32)
+  # Make sample 1 entirely right and sample 0 right except at one position.
+  logits[1, 0, targets[1, 0]] += 100.0
+  logits[0, :, :] = -10.0
+  logits[0, np.arange(t), targets[0]] = 10.0
+  logits[0, 2, targets[0, 2]] = -20.0
+  batch = {"tokens_out": targets, "lengths_out": lengths}
+  loss, metrics = model_lib.loss_and_metrics(jnp.asarray(logits), batch)
+
+  log_probs = logits.astype(np.float64)
+  log_probs = log_probs - np.log(np.exp(log_probs).sum(-1, keepdims=True))
+  ce, correct, total, seq_ok = 0.0, 0, 0, 0
+  for i in range(b):
+    ok = True
+    for j in range(lengths[i]):
+      ce -= log_probs[i, j, targets[i, j]]
+      hit = int(np.argmax(logits[i, j]) == targets[i, j])
+      correct += hit
+      ok &= bool(hit)
+      total += 1
+    seq_ok += ok
+  np.testing.assert_allclose(loss, ce / total, rtol=1e-5)
+  np.testing.assert_allclose(metrics["char_accuracy"], correct / total,
+                             rtol=1e-6)
+  np.testing.assert_allclose(metrics["sequence_accuracy"], seq_ok / b)
+  assert seq_ok >= 1
+
+
+def _tiny_config(core):
+  c = lte_configs.get_config("cpu")
+  c.core = core
+  c.batch_size = 32
+  c.eval_samples = 64
+  c.eval_batch_size = 32
+  c.mlp_sizes = (32,)
+  c.rmc.update(mem_slots=2, num_heads=2, head_size=8)
+  c.lstm.update(hidden_sizes=(32,))
+  return c
+
+
+def test_tiny_rmc_loss_falls_on_addition():
+  config = _tiny_config("rmc")
+  task = model_lib.make_task(config)
+  batch = next(task.train_iterator)
+  params = task.init(jax.random.PRNGKey(0), batch)
+  opt = optax.adam(3e-3)
+  opt_state = opt.init(params)
+
+  @jax.jit
+  def step(params, opt_state, batch):
+    (loss, _), grads = jax.value_and_grad(task.loss, has_aux=True)(
+        params, (), jax.random.PRNGKey(0), batch)
+    updates, opt_state = opt.update(grads, opt_state)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  losses = []
+  for _ in range(60):
+    params, opt_state, loss = step(params, opt_state,
+                                   next(task.train_iterator))
+    losses.append(float(loss))
+  assert np.mean(losses[-10:]) < 0.8 * np.mean(losses[:5]), losses
+  metrics = task.evaluate(params, task.eval_batches[0])
+  assert set(metrics) == {"loss", "char_accuracy", "sequence_accuracy"}
+
+
+def test_teacher_forcing_feeds_the_shifted_targets():
+  """With teacher forcing the logits depend on the decoder inputs; without, not."""
+  outputs = {}
+  for tf in (False, True):
+    config = _tiny_config("lstm")
+    config.teacher_forcing = tf
+    task = model_lib.make_task(config)
+    batch = next(task.train_iterator)
+    model = hk.transform(lambda b: model_lib.forward(
+        b, "lstm", {"hidden_sizes": (16,)}, (8,), tf))
+    params = model.init(jax.random.PRNGKey(0), batch)
+    changed = dict(batch, decoder_inputs=(batch["decoder_inputs"] + 1) % 40)
+    outputs[tf] = np.abs(model.apply(params, None, batch)
+                         - model.apply(params, None, changed)).max()
+  assert outputs[False] == 0.0
+  assert outputs[True] > 0.0
+
+
+def test_observe_advances_the_curriculum():
+  config = _tiny_config("lstm")
+  config.curriculum = "naive"
+  config.curriculum_min_tries = 5
+  task = model_lib.make_task(config)
+  level = lambda: (task.train_iterator.get_state()["curriculum"]["length"],
+                   task.train_iterator.get_state()["curriculum"]["nesting"])
+  assert level() == (1, 1)
+  for _ in range(12):
+    task.observe({"loss": 1.0})  # A plateau: the level must go up.
+  assert level() == (2, 1)

@@ -275,3 +275,39 @@ def test_other_bad_arguments_raise():
         it.set_state({"seed": 0, "index": -1})
     with pytest.raises(TypeError, match="rng"):
         nf.generate_batch(np.random.RandomState(0), 4, 8, 16)
+
+
+def _check_padded_batch(inputs_BTD, labels_B, k, width, f, sonnet_compat):
+    """Decodes one-hot blocks of `width` columns whose tail is zero, checks labels."""
+    for rows_TD, label in zip(inputs_BTD.tolist(), labels_B.tolist()):
+        unpadded = []
+        for row in rows_TD:
+            blocks = [row[f + j * width : f + (j + 1) * width] for j in range(3)]
+            assert all(v == 0.0 for b in blocks for v in b[k:])  # padding
+            unpadded.append(row[:f] + [v for b in blocks for v in b[:k]])
+        feats, ids, n, m = _decode_example(unpadded, k, f, sonnet_compat)
+        expected, _ = _reference_answer(feats, ids, n, m, sonnet_compat)
+        assert label == expected
+
+
+@pytest.mark.parametrize("sonnet_compat", MODES, ids=MODE_IDS)
+def test_onehot_size_pads_and_keeps_labels(sonnet_compat):
+    inputs_BTD, labels_B = nf.generate_batch(
+        np.random.default_rng(5), 300, 3, 2, sonnet_compat, onehot_size=5)
+    assert inputs_BTD.shape == (300, 3, 2 + 3 * 5)
+    _check_padded_batch(inputs_BTD, labels_B, 3, 5, 2, sonnet_compat)
+    with pytest.raises(ValueError, match="onehot_size"):
+        nf.generate_batch(np.random.default_rng(0), 2, 4, 2, onehot_size=3)
+
+
+def test_object_curriculum_schedule_and_labels():
+    it = nf.NthFarthestIterator(64, 5, 2, seed=3, min_objects=3,
+                                objects_step=4)
+    sizes = [it.num_objects_at(k) for k in range(14)]
+    assert sizes == [3] * 4 + [4] * 4 + [5] * 6
+    for k in (0, 5, 12):
+        inputs_BTD, labels_B = it.batch_at(k)
+        assert inputs_BTD.shape == (64, sizes[k], 2 + 3 * 5)
+        _check_padded_batch(inputs_BTD, labels_B, sizes[k], 5, 2, False)
+    with pytest.raises(ValueError, match="min_objects"):
+        nf.NthFarthestIterator(4, 3, 2, min_objects=4, objects_step=1)

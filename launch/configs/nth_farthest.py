@@ -24,6 +24,10 @@ def get_config(variant: str = "cpu"):
   c.num_objects = 8
   c.num_features = 16
   c.sonnet_compat = False
+  # Curriculum over objects: start with min_objects (0 = off) and add one
+  # every objects_step steps until num_objects.
+  c.min_objects = 0
+  c.objects_step = 0
   c.mlp_sizes = (256, 256, 256, 256)
   c.eval_batches = 4
   c.eval_batch_size = 1600

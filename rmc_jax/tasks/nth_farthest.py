@@ -154,6 +154,7 @@ def generate_batch(
     num_objects: int,
     num_features: int,
     sonnet_compat: bool = False,
+    onehot_size: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Draws one batch of Nth-farthest examples (fully vectorised).
 
@@ -164,9 +165,12 @@ def generate_batch(
       num_features: F > 0.
       sonnet_compat: if True use the Sonnet v1 semantics (see module
         docstring), otherwise the paper's.
+      onehot_size: width C >= K of the three one-hot blocks (default K);
+        wider blocks are zero-padded, so that batches with fewer objects fit
+        a model built for C objects (the curriculum over objects).
 
     Returns:
-      inputs_BTD: float32 [B, K, F + 3K], one row per object (see module
+      inputs_BTD: float32 [B, K, F + 3C], one row per object (see module
         docstring for the row layout of each mode).
       labels_B: int32 [B], the id of the selected vector.
 
@@ -202,13 +206,14 @@ def generate_batch(
     answer_pos_B = np.take_along_axis(order_BT, n_B[:, None], axis=1)[:, 0]
     labels_B = np.take_along_axis(ids_BT, answer_pos_B[:, None], axis=1)[:, 0]
 
-    eye_KK = np.eye(K, dtype=np.float32)
-    inputs_BTD = np.empty((B, K, F + 3 * K), dtype=np.float32)
+    C = K if onehot_size is None else _check_int("onehot_size", onehot_size, K)
+    eye_KC = np.eye(K, C, dtype=np.float32)
+    inputs_BTD = np.empty((B, K, F + 3 * C), dtype=np.float32)
     inputs_BTD[:, :, :F] = x_BTF
-    inputs_BTD[:, :, F : F + K] = eye_KK[ids_BT]
+    inputs_BTD[:, :, F : F + C] = eye_KC[ids_BT]
     first_q_B, second_q_B = (m_B, n_B) if sonnet_compat else (n_B, m_B)
-    inputs_BTD[:, :, F + K : F + 2 * K] = eye_KK[first_q_B][:, None, :]
-    inputs_BTD[:, :, F + 2 * K :] = eye_KK[second_q_B][:, None, :]
+    inputs_BTD[:, :, F + C : F + 2 * C] = eye_KC[first_q_B][:, None, :]
+    inputs_BTD[:, :, F + 2 * C :] = eye_KC[second_q_B][:, None, :]
     return inputs_BTD, labels_B.astype(np.int32)
 
 
@@ -242,14 +247,35 @@ class NthFarthestIterator(Iterator[tuple[np.ndarray, np.ndarray]]):
         num_features: int,
         sonnet_compat: bool = False,
         seed: int = 0,
+        min_objects: int | None = None,
+        objects_step: int = 0,
     ) -> None:
-        """See class docstring; raises ValueError for bad sizes or seeds."""
+        """See class docstring; raises ValueError for bad sizes or seeds.
+
+        With `min_objects` < num_objects and `objects_step` > 0, batch k has
+        min(num_objects, min_objects + k // objects_step) objects (a
+        curriculum over the number of objects); the one-hot blocks always
+        have num_objects columns, so every batch fits the same model.
+        """
         self.batch_size, num_objects, num_features = _check_sizes(
             batch_size, num_objects, num_features
         )
         self.spec = NthFarthestSpec(num_objects, num_features, bool(sonnet_compat))
         self._seed = _check_seed(seed)
         self._index = 0
+        self.min_objects = num_objects if min_objects is None else _check_int(
+            "min_objects", min_objects, 2)
+        if self.min_objects > num_objects:
+            raise ValueError(f"min_objects must be <= num_objects ({num_objects}), "
+                             f"got {self.min_objects}")
+        self.objects_step = _check_int("objects_step", objects_step, 0)
+
+    def num_objects_at(self, index: int) -> int:
+        """Number of objects in batch `index` (see the curriculum above)."""
+        if not self.objects_step:
+            return self.spec.num_objects
+        return min(self.spec.num_objects,
+                   self.min_objects + index // self.objects_step)
 
     @property
     def seed(self) -> int:
@@ -266,9 +292,10 @@ class NthFarthestIterator(Iterator[tuple[np.ndarray, np.ndarray]]):
         return generate_batch(
             _batch_rng(_TRAIN_STREAM, self._seed, index),
             self.batch_size,
-            self.spec.num_objects,
+            self.num_objects_at(index),
             self.spec.num_features,
             self.spec.sonnet_compat,
+            onehot_size=self.spec.num_objects,
         )
 
     def __iter__(self) -> NthFarthestIterator:
@@ -381,7 +408,9 @@ def make_task(config: Any) -> Task:
         init=init, loss=loss, evaluate=evaluate,
         train_iterator=NthFarthestIterator(
             config.batch_size, spec.num_objects, spec.num_features,
-            spec.sonnet_compat, seed=config.seed),
+            spec.sonnet_compat, seed=config.seed,
+            min_objects=config.min_objects or None,
+            objects_step=config.objects_step),
         eval_batches=held_out_batches(
             config.eval_batches, config.eval_batch_size, spec.num_objects,
             spec.num_features, spec.sonnet_compat, seed=config.seed))

@@ -413,4 +413,5 @@ def make_task(config: Any) -> Task:
             objects_step=config.objects_step),
         eval_batches=held_out_batches(
             config.eval_batches, config.eval_batch_size, spec.num_objects,
-            spec.num_features, spec.sonnet_compat, seed=config.seed))
+            spec.num_features, spec.sonnet_compat, seed=config.seed)
+        if config.eval_batches else [])

@@ -100,6 +100,12 @@ class _Window:
   start_step: int
   start_time: float
   metrics: list[dict] = dataclasses.field(default_factory=list)
+  timed_from: int | None = None  # First step counted in steps/s.
+
+  @property
+  def timed_steps(self) -> int:
+    return len(self.metrics) - ((self.timed_from or self.start_step)
+                                - self.start_step)
 
 
 def count_params(params: Params) -> int:
@@ -153,13 +159,22 @@ def train(task: Task, config: ml_collections.ConfigDict, workdir: str,
   last_train, last_eval, rates = {}, {}, {}
   status = "completed"
   start_time, start_step = time.perf_counter(), step
+  compile_seconds = None
   try:
     while step < config.num_steps:
       batch = mesh.shard_batch(next(task.train_iterator))
       state, step_metrics = train_step(state, batch)
       window.metrics.append(step_metrics)
       step += 1
-      stopping = stop.requested or step == config.num_steps
+      if compile_seconds is None:
+        # Keep compilation out of steps/s: time the window from here.
+        jax.block_until_ready(step_metrics)
+        compile_seconds = time.perf_counter() - start_time
+        window.start_time, window.timed_from = time.perf_counter(), step
+      # Read the flag once: a signal during this step's sync or eval is
+      # handled (with a save) at the next step rather than skipping the save.
+      interrupted = stop.requested
+      stopping = interrupted or step == config.num_steps
       if step % config.log_every == 0 or stopping or \
           step % config.checkpoint_every == 0:
         # Syncing here also proves every loss so far finite before any save.
@@ -178,7 +193,7 @@ def train(task: Task, config: ml_collections.ConfigDict, workdir: str,
       if step % config.checkpoint_every == 0 or stopping:
         ckpt.save(step, state, task.train_iterator.get_state(), force=True)
         last_saved = step
-      if stop.requested:
+      if interrupted:
         status = "interrupted"
         logging.warning("Stopped by %s at step %d; checkpoint saved. Run the "
                         "same command to resume.", stop.signal_name, step)
@@ -197,6 +212,7 @@ def train(task: Task, config: ml_collections.ConfigDict, workdir: str,
         status=status, step=step, num_steps=config.num_steps,
         num_params=num_params, core=config.core,
         num_devices=mesh.num_devices, wall_seconds=elapsed,
+        compile_seconds=compile_seconds,
         steps_per_sec=(step - start_step) / elapsed if elapsed > 0 else None,
         train=last_train, eval=last_eval)
     metrics_lib.write_json(os.path.join(workdir, "summary.json"), summary)
@@ -236,7 +252,7 @@ def _make_train_step(task: Task, optimizer: optax.GradientTransformation,
                                               batch)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads),
+    metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads),
                    learning_rate=schedule(state.step))
     return TrainState(state.step + 1, params, opt_state, state.rng,
                       carry), metrics
@@ -257,8 +273,9 @@ def _flush(window: _Window, step: int,
       raise NonFiniteLossError(
           f"Non-finite loss ({loss}) at step {window.start_step + offset + 1}.")
   mean = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
-  n = step - window.start_step
-  rates = dict(steps_per_sec=n / elapsed, examples_per_sec=n * batch_size / elapsed)
+  n = window.timed_steps
+  rates = (dict(steps_per_sec=n / elapsed,
+                examples_per_sec=n * batch_size / elapsed) if n else {})
   return mean, rates
 
 

@@ -105,7 +105,7 @@ def test_tiny_rmc_loss_falls_on_addition():
                                    next(task.train_iterator))
     losses.append(float(loss))
   assert np.mean(losses[-10:]) < 0.8 * np.mean(losses[:5]), losses
-  metrics = task.evaluate(params, task.eval_batches[0])
+  metrics, _ = task.evaluate(params, (), task.eval_batches[0])
   assert set(metrics) == {"loss", "char_accuracy", "sequence_accuracy"}
 
 

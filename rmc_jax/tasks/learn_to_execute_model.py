@@ -131,9 +131,9 @@ def make_task(config: Any) -> Task:
     value, metrics = loss_and_metrics(model.apply(params, rng, batch), batch)
     return value, (metrics, carry)
 
-  def evaluate(params, batch):
+  def evaluate(params, carry, batch):
     value, metrics = loss_and_metrics(model.apply(params, None, batch), batch)
-    return dict(metrics, loss=value)
+    return dict(metrics, loss=value), carry
 
   def observe(train_metrics):
     iterator.update_curriculum(train_metrics["loss"])

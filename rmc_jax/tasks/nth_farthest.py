@@ -400,9 +400,9 @@ def make_task(config: Any) -> Task:
         value, aux = metrics(params, rng, batch)
         return value, (aux, carry)
 
-    def evaluate(params, batch):
+    def evaluate(params, carry, batch):
         value, aux = metrics(params, None, batch)
-        return dict(aux, loss=value)
+        return dict(aux, loss=value), carry
 
     return Task(
         init=init, loss=loss, evaluate=evaluate,

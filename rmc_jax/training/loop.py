@@ -61,24 +61,32 @@ class Task:
     loss: (params, carry, rng, batch) -> (scalar loss, (metrics, new carry));
       metrics is a dict of scalars averaged over the batch.
     train_iterator: yields host (NumPy) batches with a leading batch axis.
-    evaluate: (params, batch) -> dict of scalar metrics averaged over the
-      batch; None disables evaluation.
-    eval_batches: held-out batches (a fixed set), averaged with equal weight.
+    evaluate: (params, carry, batch) -> (dict of scalar metrics averaged over
+      the batch, new carry); the batches of one evaluation are run in order
+      with the carry threaded through them (from `init_carry` of the eval
+      batch size, or ()), so a language model can carry its state over a
+      whole split. A 'weight' entry (e.g. the number of real tokens) weights
+      the batch in the average; otherwise batches weigh the same. None
+      disables evaluation.
+    eval_batches: held-out batches (a fixed set, equal batch sizes).
     init_carry: global batch size -> initial carried state (leading axis =
       batch), or None for stateless tasks.
     observe: called on the host with the averaged training metrics at every
       log step (e.g. to advance a curriculum from the loss); its effect on
       the iterator is checkpointed with the iterator state.
+    summarize: host-side metrics -> metrics with derived values (e.g.
+      perplexity = exp(loss)), applied to logged train and eval metrics.
   """
 
   init: Callable[[jax.Array, Batch], Params]
   loss: Callable[[Params, Carry, jax.Array, Batch],
                  tuple[jax.Array, tuple[dict, Carry]]]
   train_iterator: BatchIterator
-  evaluate: Callable[[Params, Batch], dict] | None = None
+  evaluate: Callable[[Params, Carry, Batch], tuple[dict, Carry]] | None = None
   eval_batches: Iterable[Batch] = ()
   init_carry: Callable[[int], Carry] | None = None
   observe: Callable[[dict], None] | None = None
+  summarize: Callable[[dict], dict] | None = None
 
 
 class TrainState(NamedTuple):
@@ -145,11 +153,10 @@ def train(task: Task, config: ml_collections.ConfigDict, workdir: str,
     logging.info("Starting from scratch: %s parameters.", f"{num_params:,}")
 
   train_step = _make_train_step(task, optimizer, schedule, shardings, mesh)
-  eval_fn = (jax.jit(task.evaluate, in_shardings=(mesh.replicated,
-                                                   mesh.batch_sharding),
-                     out_shardings=mesh.replicated)
-             if task.evaluate is not None else None)
   eval_batches = list(task.eval_batches)
+  evaluator = (_Evaluator(task, eval_batches, mesh)
+               if task.evaluate is not None and eval_batches else None)
+  summarize = task.summarize or (lambda m: m)
 
   step = int(state.step)
   writer = metrics_lib.MetricWriter(workdir, config.num_steps, step)
@@ -181,13 +188,13 @@ def train(task: Task, config: ml_collections.ConfigDict, workdir: str,
         logged, rates = _flush(window, step, config.batch_size)
         window = _Window(step, time.perf_counter())
         if step % config.log_every == 0 or stopping:
-          last_train = dict(logged, **rates)
+          last_train = dict(summarize(logged), **rates)
           writer.write(step, "train", last_train)
           if task.observe is not None:
             task.observe(last_train)
-      if eval_fn is not None and eval_batches and (
+      if evaluator is not None and (
           step % config.eval_every == 0 or step == config.num_steps):
-        last_eval = _evaluate(eval_fn, state.params, eval_batches, mesh)
+        last_eval = summarize(evaluator(state.params))
         writer.write(step, "eval", last_eval)
         window.start_time = time.perf_counter()  # Keep eval out of steps/s.
       if step % config.checkpoint_every == 0 or stopping:
@@ -279,10 +286,34 @@ def _flush(window: _Window, step: int,
   return mean, rates
 
 
-def _evaluate(eval_fn, params, batches, mesh: DataMesh) -> dict:
-  results = [eval_fn(params, mesh.shard_batch(b)) for b in batches]
-  host = jax.device_get(results)
-  return {k: float(np.mean([r[k] for r in host])) for k in host[0]}
+class _Evaluator:
+  """Runs `task.evaluate` over the eval batches in order, threading the carry."""
+
+  def __init__(self, task: Task, batches: list[Batch], mesh: DataMesh):
+    self._batches = batches
+    self._mesh = mesh
+    batch_size = int(jax.tree.leaves(batches[0])[0].shape[0])
+    mesh.check_batch_size(batch_size, "eval batch size")
+    self._init_carry = (lambda: task.init_carry(batch_size)) if \
+        task.init_carry else (lambda: ())
+    self._carry_sharding = jax.tree.map(lambda _: mesh.batch_sharding,
+                                        self._init_carry())
+    self._fn = jax.jit(task.evaluate,
+                       in_shardings=(mesh.replicated, self._carry_sharding,
+                                     mesh.batch_sharding),
+                       out_shardings=(mesh.replicated, self._carry_sharding))
+
+  def __call__(self, params: Params) -> dict:
+    carry = jax.device_put(self._init_carry(), self._carry_sharding)
+    results = []
+    for batch in self._batches:
+      metrics, carry = self._fn(params, carry, self._mesh.shard_batch(batch))
+      results.append(metrics)
+    host = jax.device_get(results)
+    weights = np.array([float(r.pop("weight", 1.0)) for r in host])
+    total = max(weights.sum(), 1e-12)
+    return {k: float(np.dot(weights, [r[k] for r in host]) / total)
+            for k in host[0]}
 
 
 def _save_config(config: ml_collections.ConfigDict, workdir: str) -> None:

@@ -24,6 +24,10 @@ setuptools.setup(
         "tensorboardX>=2.6",
         "matplotlib>=3.9",
     ],
-    extras_require={"test": ["pytest>=8", "pytest-xdist>=3"]},
+    extras_require={
+        "test": ["pytest>=8", "pytest-xdist>=3"],
+        # Only for --config.dataset=tfds:NAME (not pinned; about 1.6 GB).
+        "tfds": ["tensorflow-cpu", "tensorflow-datasets"],
+    },
     license="Apache-2.0",
 )

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging as py_logging
 import sys
-from typing import Callable
+from typing import Any, Callable
 
 from absl import flags
 from absl import logging
@@ -19,7 +19,7 @@ import ml_collections
 
 from rmc_jax.training import config as config_lib
 from rmc_jax.training.config import ConfigError
-from rmc_jax.training.loop import NonFiniteLossError, Task, train
+from rmc_jax.training.loop import NonFiniteLossError, Task, evaluate_checkpoint, train
 from rmc_jax.training.mesh import DataMesh
 
 __all__ = ["ConfigError", "run"]
@@ -32,9 +32,16 @@ _DISTRIBUTED = flags.DEFINE_bool(
 
 def run(make_task: Callable[[], Task], config: ml_collections.ConfigDict,
         workdir: str,
-        validate: Callable[[ml_collections.ConfigDict], None] | None = None
-        ) -> dict:
-  """Validates, builds the task, trains in `workdir`; exits on bad input."""
+        validate: Callable[[ml_collections.ConfigDict], None] | None = None,
+        final_evals: Callable[[], dict[str, Any]] | None = None,
+        eval_only: bool = False) -> dict:
+  """Validates, builds the task, trains in `workdir`; exits on bad input.
+
+  `final_evals() -> {split: batches}` are evaluated on the last checkpoint
+  after training (e.g. the LM's test split). With `eval_only`, training is
+  skipped and the latest checkpoint is evaluated on the task's eval batches
+  and on `final_evals`.
+  """
   if _DISTRIBUTED.value:
     jax.distributed.initialize()
   logging.set_verbosity(logging.INFO)
@@ -52,14 +59,31 @@ def run(make_task: Callable[[], Task], config: ml_collections.ConfigDict,
     task = make_task()
   except ValueError as e:  # ConfigError and the library's argument checks.
     _fail(str(e), code=2)
-  try:
-    summary = train(task, config, workdir, mesh)
-  except NonFiniteLossError as e:
-    _fail(str(e), code=1)
+  summary = {}
+  if not eval_only:
+    try:
+      summary = train(task, config, workdir, mesh)
+    except NonFiniteLossError as e:
+      _fail(str(e), code=1)
+    if summary["status"] != "completed":
+      return summary
+  evals = dict(final_evals() if final_evals else {})
+  if eval_only:
+    evals = {"eval": task.eval_batches, **evals}
+  for split, batches in evals.items():
+    try:
+      summary[split] = evaluate_checkpoint(task, config, workdir, batches,
+                                           split, mesh)
+    except FileNotFoundError as e:
+      _fail(str(e), code=2)
+  if eval_only:
+    print(json.dumps(summary, indent=1, default=str))
+    return summary
   if jax.process_index() == 0:
     print(json.dumps({k: summary[k] for k in
                       ("status", "step", "num_params", "steps_per_sec",
-                       "train", "eval")}, indent=1, default=str))
+                       "train", "eval", *evals) if k in summary},
+                     indent=1, default=str))
   return summary
 
 

@@ -19,6 +19,7 @@ Guarantees:
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import signal
@@ -188,7 +189,7 @@ def train(task: Task, config: ml_collections.ConfigDict, workdir: str,
         logged, rates = _flush(window, step, config.batch_size)
         window = _Window(step, time.perf_counter())
         if step % config.log_every == 0 or stopping:
-          last_train = dict(summarize(logged), **rates)
+          last_train = summarize(dict(logged, **rates))
           writer.write(step, "train", last_train)
           if task.observe is not None:
             task.observe(last_train)
@@ -225,6 +226,41 @@ def train(task: Task, config: ml_collections.ConfigDict, workdir: str,
     metrics_lib.write_json(os.path.join(workdir, "summary.json"), summary)
     ckpt.close()
   return summary
+
+
+def evaluate_checkpoint(task: Task, config: ml_collections.ConfigDict,
+                        workdir: str, batches: Iterable[Batch], split: str,
+                        mesh: DataMesh | None = None) -> dict:
+  """Evaluates the latest checkpoint of `workdir` on `batches`.
+
+  Appends a row with `split` to metrics.jsonl and stores the metrics under
+  `split` in summary.json. Raises FileNotFoundError without a checkpoint.
+  """
+  mesh = mesh or DataMesh()
+  optimizer, _ = config_lib.make_optimizer(config)
+  with checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                   max_to_keep=config.keep_checkpoints) as ckpt:
+    step = ckpt.latest_step()
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint in {ckpt.directory} to evaluate")
+    example = next(task.train_iterator)
+    target = _init_state(task, config, optimizer, mesh, example)
+    target = jax.device_put(target, _state_shardings(target, mesh))
+    state, _, _ = ckpt.restore(step, target=target)
+  metrics = _Evaluator(task, list(batches), mesh)(state.params)
+  if task.summarize is not None:
+    metrics = task.summarize(metrics)
+  writer = metrics_lib.MetricWriter(workdir, step, step, progress_bar=False)
+  writer.write(step, split, metrics)
+  writer.close()
+  path = os.path.join(workdir, "summary.json")
+  summary = {}
+  if os.path.exists(path):
+    with open(path, encoding="utf-8") as f:
+      summary = json.load(f)
+  summary[split] = dict(metrics, step=step)
+  metrics_lib.write_json(path, summary)
+  return metrics
 
 
 def _init_state(task: Task, config, optimizer, mesh: DataMesh,

@@ -1,0 +1,59 @@
+r"""Generates text from a language-model checkpoint, carrying the recurrent state.
+
+  python -m launch.sample_lm --workdir=workdirs/lm_synthetic \
+      --prompt="w3 w17" --length=50 --temperature=0.8 --top_k=20
+
+The model and corpus settings are read from WORKDIR/config.json; the latest
+checkpoint's parameters are used. Prompt words outside the vocabulary map to
+<unk>.
+"""
+
+import json
+import os
+import sys
+
+from absl import app
+from absl import flags
+import jax
+import ml_collections
+
+from rmc_jax.lm import task as lm_task
+from rmc_jax.training.checkpoint import Checkpointer
+from rmc_jax.training.loop import TrainState
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory.", required=True)
+_PROMPT = flags.DEFINE_string("prompt", "", "Words to start from (space separated).")
+_LENGTH = flags.DEFINE_integer("length", 100, "Tokens to generate.")
+_TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "Softmax temperature.")
+_TOP_K = flags.DEFINE_integer("top_k", 0, "Sample among the k most likely (0: all).")
+_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+
+
+def main(argv):
+  del argv
+  path = os.path.join(_WORKDIR.value, "config.json")
+  if not os.path.exists(path):
+    sys.exit(f"error: --workdir: {path} not found (not a train_lm workdir?)")
+  with open(path, encoding="utf-8") as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  if _LENGTH.value < 1 or _TEMPERATURE.value <= 0 or _TOP_K.value < 0:
+    sys.exit("error: --length must be >= 1, --temperature > 0, --top_k >= 0.")
+  corpus = lm_task.load(config)
+  vocab = corpus.vocab
+  with Checkpointer(os.path.join(_WORKDIR.value, "checkpoints")) as ckpt:
+    step = ckpt.latest_step()
+    if step is None:
+      sys.exit(f"error: --workdir: no checkpoint in {ckpt.directory}")
+    state = ckpt.restore(step, target=None)[0]
+  params = state["params"] if isinstance(state, dict) else TrainState(*state).params
+  words = _PROMPT.value.split() or ["<eos>"]
+  prompt_ids = vocab.encode(words)
+  out = lm_task.sample(jax.device_get(params), config, len(vocab), prompt_ids,
+                       _LENGTH.value, _TEMPERATURE.value, _TOP_K.value,
+                       _SEED.value)
+  text = " ".join(vocab.decode(out)).replace(" <eos> ", "\n")
+  print(f"[step {step}] {' '.join(words)} || {text}")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -18,8 +18,7 @@ import jax
 import ml_collections
 
 from rmc_jax.lm import task as lm_task
-from rmc_jax.training.checkpoint import Checkpointer
-from rmc_jax.training.loop import TrainState
+from rmc_jax.training.loop import restore_latest
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory.", required=True)
 _PROMPT = flags.DEFINE_string("prompt", "", "Words to start from (space separated).")
@@ -38,17 +37,15 @@ def main(argv):
     config = ml_collections.ConfigDict(json.load(f))
   if _LENGTH.value < 1 or _TEMPERATURE.value <= 0 or _TOP_K.value < 0:
     sys.exit("error: --length must be >= 1, --temperature > 0, --top_k >= 0.")
-  corpus = lm_task.load(config)
-  vocab = corpus.vocab
-  with Checkpointer(os.path.join(_WORKDIR.value, "checkpoints")) as ckpt:
-    step = ckpt.latest_step()
-    if step is None:
-      sys.exit(f"error: --workdir: no checkpoint in {ckpt.directory}")
-    state = ckpt.restore(step, target=None)[0]
-  params = state["params"] if isinstance(state, dict) else TrainState(*state).params
+  setup = lm_task.make_setup(config)
+  vocab = setup.corpus.vocab
+  try:
+    state, step = restore_latest(setup.task, config, _WORKDIR.value)
+  except FileNotFoundError as e:
+    sys.exit(f"error: --workdir: {e}")
   words = _PROMPT.value.split() or ["<eos>"]
   prompt_ids = vocab.encode(words)
-  out = lm_task.sample(jax.device_get(params), config, len(vocab), prompt_ids,
+  out = lm_task.sample(jax.device_get(state.params), config, len(vocab), prompt_ids,
                        _LENGTH.value, _TEMPERATURE.value, _TOP_K.value,
                        _SEED.value)
   text = " ".join(vocab.decode(out)).replace(" <eos> ", "\n")

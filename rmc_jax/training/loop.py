@@ -228,6 +228,27 @@ def train(task: Task, config: ml_collections.ConfigDict, workdir: str,
   return summary
 
 
+def restore_latest(task: Task, config: ml_collections.ConfigDict,
+                   workdir: str, mesh: DataMesh | None = None
+                   ) -> tuple[TrainState, int]:
+  """(TrainState, step) of the latest checkpoint in `workdir`.
+
+  Raises FileNotFoundError when there is none.
+  """
+  mesh = mesh or DataMesh()
+  optimizer, _ = config_lib.make_optimizer(config)
+  with checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                   max_to_keep=config.keep_checkpoints) as ckpt:
+    step = ckpt.latest_step()
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint in {ckpt.directory}")
+    example = next(task.train_iterator)
+    target = _init_state(task, config, optimizer, mesh, example)
+    target = jax.device_put(target, _state_shardings(target, mesh))
+    state, _, _ = ckpt.restore(step, target=target)
+  return state, step
+
+
 def evaluate_checkpoint(task: Task, config: ml_collections.ConfigDict,
                         workdir: str, batches: Iterable[Batch], split: str,
                         mesh: DataMesh | None = None) -> dict:
@@ -237,16 +258,7 @@ def evaluate_checkpoint(task: Task, config: ml_collections.ConfigDict,
   `split` in summary.json. Raises FileNotFoundError without a checkpoint.
   """
   mesh = mesh or DataMesh()
-  optimizer, _ = config_lib.make_optimizer(config)
-  with checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                   max_to_keep=config.keep_checkpoints) as ckpt:
-    step = ckpt.latest_step()
-    if step is None:
-      raise FileNotFoundError(f"no checkpoint in {ckpt.directory} to evaluate")
-    example = next(task.train_iterator)
-    target = _init_state(task, config, optimizer, mesh, example)
-    target = jax.device_put(target, _state_shardings(target, mesh))
-    state, _, _ = ckpt.restore(step, target=target)
+  state, step = restore_latest(task, config, workdir, mesh)
   metrics = _Evaluator(task, list(batches), mesh)(state.params)
   if task.summarize is not None:
     metrics = task.summarize(metrics)

@@ -368,3 +368,15 @@ def test_close_and_context_manager(tmp_path):
     ckpt.save(2, make_state(), {})
   with pytest.raises(ValueError):
     Checkpointer(ckpt_dir(tmp_path), max_to_keep=0)
+
+
+def test_relative_directory_works(tmp_path, monkeypatch):
+  """A relative WORKDIR (e.g. `--workdir=workdirs/demo`) must be accepted."""
+  monkeypatch.chdir(tmp_path)
+  with Checkpointer("runs/checkpoints", max_to_keep=2) as ckpt:
+    state = {"w": np.arange(3, dtype=np.float32)}
+    assert ckpt.save(1, state, {"index": 1})
+    restored, iterator_state, step = ckpt.restore(target=state)
+  np.testing.assert_array_equal(restored["w"], state["w"])
+  assert step == 1 and iterator_state == {"index": 1}
+  assert (tmp_path / "runs" / "checkpoints" / "1").is_dir()

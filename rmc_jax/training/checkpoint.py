@@ -134,7 +134,9 @@ class Checkpointer:
     if operator.index(save_interval_steps) < 1:
       raise ValueError("save_interval_steps must be >= 1, got "
                        f"{save_interval_steps}")
-    self._directory = epath.Path(directory)
+    # Orbax requires absolute local paths; keep remote ones (gs://...) as given.
+    path = os.fspath(directory)
+    self._directory = epath.Path(path if "://" in path else os.path.abspath(path))
     self._save_interval_steps = int(save_interval_steps)
     options = ocp.CheckpointManagerOptions(
         # `max_to_keep=` is deprecated in 0.12 in favour of a policy object.

@@ -501,7 +501,7 @@ def test_core_grad_and_vmap():
 
   t = hk.without_apply_rng(hk.transform(fn))
   xs = _xs(2)
-  params = t.init(jax.random.PRNGKey(3), xs)
+  params = jax.jit(t.init)(jax.random.PRNGKey(3), xs)
 
   def loss(p):
     batched, per_example = t.apply(p, xs)

@@ -16,6 +16,7 @@ from absl import flags
 from absl import logging
 import jax
 import ml_collections
+from ml_collections import config_flags
 
 from rmc_jax.training import config as config_lib
 from rmc_jax.training.config import ConfigError
@@ -57,6 +58,7 @@ def run(make_task: Callable[[], Task], config: ml_collections.ConfigDict,
     if "eval_batch_size" in config:
       mesh.check_batch_size(config.eval_batch_size, "--config.eval_batch_size")
     task = make_task()
+    _check_model_builds(task)
   except ValueError as e:  # ConfigError and the library's argument checks.
     _fail(str(e), code=2)
   summary = {}
@@ -85,6 +87,44 @@ def run(make_task: Callable[[], Task], config: ml_collections.ConfigDict,
                        "train", "eval", *evals) if k in summary},
                      indent=1, default=str))
   return summary
+
+
+def _check_model_builds(task: Task) -> None:
+  """Traces the model's init once (no compute), so that a bad core or model
+  argument is reported here as one line, before anything is written."""
+  position = task.train_iterator.get_state()
+  example = next(task.train_iterator)
+  task.train_iterator.set_state(position)
+  jax.eval_shape(task.init, jax.random.PRNGKey(0), example)
+
+
+def define_config_flag(default: str):
+  """`--config=FILE:VARIANT` with `--config.field=value` overrides.
+
+  ml_collections reads the overrides from sys.argv as soon as the flag is
+  defined; an unknown field then raises there, so it is reported here.
+  """
+  try:
+    return config_flags.DEFINE_config_file(
+        "config", default, "Config file and variant.", lock_config=True)
+  except (AttributeError, KeyError) as e:
+    bad = [a.split("=")[0] for a in sys.argv[1:] if a.startswith("--config.")]
+    _fail(f"unknown config field {e} among {bad}; see the config file for the "
+          "fields.", code=2)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing that reports a bad `--config.*` override in one line.
+
+  Use as `app.run(main, flags_parser=common.parse_flags)`.
+  """
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    _fail(str(e), code=2)
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    bad = [a for a in argv[1:] if a.startswith("--config.")]
+    _fail(f"bad config override among {bad}: {e}", code=2)
 
 
 def _fail(message: str, code: int):

@@ -9,15 +9,12 @@ Rerunning the same command on a workdir with checkpoints resumes from the latest
 
 from absl import app
 from absl import flags
-from ml_collections import config_flags
 
 from launch import common
 from rmc_jax.tasks import learn_to_execute as lte
 from rmc_jax.tasks import learn_to_execute_model
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", "launch/configs/learn_to_execute.py:cpu",
-    "Config file and variant.", lock_config=True)
+_CONFIG = common.define_config_flag("launch/configs/learn_to_execute.py:cpu")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory.",
                                required=True)
 
@@ -41,4 +38,4 @@ def _validate(config):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=common.parse_flags)

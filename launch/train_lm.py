@@ -12,14 +12,12 @@ After training, the last checkpoint is evaluated on the test split (split
 
 from absl import app
 from absl import flags
-from ml_collections import config_flags
 
 from launch import common
+from rmc_jax.lm import corpora
 from rmc_jax.lm import task as lm_task
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", "launch/configs/lm.py:synthetic", "Config file and variant.",
-    lock_config=True)
+_CONFIG = common.define_config_flag("launch/configs/lm.py:synthetic")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory.",
                                required=True)
 
@@ -44,9 +42,20 @@ def main(argv):
 
 
 def _validate(config):
+  try:
+    corpora.canonical_dataset(config.dataset)
+  except corpora.DataError as e:
+    raise common.ConfigError(f"--config.dataset: {e}") from None
   if config.softmax not in ("adaptive", "full"):
     raise common.ConfigError(f"--config.softmax={config.softmax!r}: expected "
                              "'adaptive' or 'full'.")
+  if config.tie_embeddings and config.softmax != "full":
+    raise common.ConfigError("--config.tie_embeddings=true needs "
+                             "--config.softmax=full.")
+  if config.vocab_size and config.vocab_size < 2:
+    raise common.ConfigError(f"--config.vocab_size={config.vocab_size}: "
+                             "expected 0 (all words) or at least 2 (<unk> "
+                             "and <eos>).")
   if config.unroll_length < 1 or config.embed_size < 1:
     raise common.ConfigError("--config.unroll_length and --config.embed_size "
                              "must be positive.")
@@ -56,4 +65,4 @@ def _validate(config):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=common.parse_flags)

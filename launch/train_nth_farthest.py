@@ -8,14 +8,11 @@ Rerunning the same command on a workdir with checkpoints resumes from the latest
 
 from absl import app
 from absl import flags
-from ml_collections import config_flags
 
 from launch import common
 from rmc_jax.tasks import nth_farthest
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", "launch/configs/nth_farthest.py:cpu", "Config file and variant.",
-    lock_config=True)
+_CONFIG = common.define_config_flag("launch/configs/nth_farthest.py:cpu")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory.",
                                required=True)
 
@@ -39,4 +36,4 @@ def _validate(config):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=common.parse_flags)

@@ -13,14 +13,11 @@ in each log window) per step; `python -m launch.plot --metric=episode_return
 
 from absl import app
 from absl import flags
-from ml_collections import config_flags
 
 from launch import common
 from rmc_jax.rl import learner
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", "launch/configs/rl.py:cpu", "Config file and variant.",
-    lock_config=True)
+_CONFIG = common.define_config_flag("launch/configs/rl.py:cpu")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory.",
                                required=True)
 
@@ -43,4 +40,4 @@ def _validate(config):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=common.parse_flags)

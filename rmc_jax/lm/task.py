@@ -107,13 +107,22 @@ def make_setup(config: Any) -> LMSetup:
                                    * config.unroll_length)
     return metrics
 
-  train = batcher_lib.TBPTTBatcher(
-      corpus.splits["train"], config.batch_size, config.unroll_length,
-      random_offsets=config.random_offsets, seed=config.seed)
-  valid = batcher_lib.EvalBatches(corpus.splits["valid"],
-                                  config.eval_batch_size, config.unroll_length)
-  test = batcher_lib.EvalBatches(corpus.splits["test"], config.eval_batch_size,
-                                 config.unroll_length)
+  try:
+    train = batcher_lib.TBPTTBatcher(
+        corpus.splits["train"], config.batch_size, config.unroll_length,
+        random_offsets=config.random_offsets, seed=config.seed)
+  except ValueError as e:
+    raise ValueError(f"the train split is too short for --config.batch_size="
+                     f"{config.batch_size} x --config.unroll_length="
+                     f"{config.unroll_length}: {e}") from None
+  try:
+    valid, test = (batcher_lib.EvalBatches(corpus.splits[split],
+                                           config.eval_batch_size,
+                                           config.unroll_length)
+                   for split in ("valid", "test"))
+  except ValueError as e:
+    raise ValueError(f"an evaluation split (valid/test) is unusable: {e}") \
+        from None
   task = Task(init=init, loss=loss, train_iterator=train, evaluate=evaluate,
               eval_batches=valid, init_carry=init_carry, summarize=summarize)
   entropy = None

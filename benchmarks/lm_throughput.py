@@ -1,0 +1,240 @@
+r"""Training throughput and memory of the word-level language model.
+
+Times the training loop's own jitted step (forward, backward, gradient
+clipping and the Adam update, with the recurrent state carried from step to
+step: `rmc_jax.training.loop._make_train_step`) for the RMC and the LSTM at
+the model sizes of `launch/configs/lm.py`:
+
+  small:       WikiText-2 sized: vocabulary 33,278, embedding 256, adaptive
+               softmax cutoffs (2000, 10000); RMC 1 x 4 x 128, 3 MLP layers;
+               LSTM 650. Default batch 32 x unroll 100.
+  wikitext103: the paper's model: vocabulary 267,735, embedding 512, adaptive
+               softmax (20k, 40k, 200k); RMC 1 x 4 x 625, 5 MLP layers; LSTM
+               2048. Default batch 64 per device x unroll 100.
+
+The model is the library's LanguageModel built from the config (dropout as
+configured, so the small variant's 0.25 dropout is on); the batches are
+uniformly random token ids of the full vocabulary (no corpus is read), with
+the lanes continuing from one step to the next ('reset' False after the
+first). Reported per configuration: parameters, median seconds per step over
+`--repeats` timed steps after `--warmup` untimed ones, tokens/s (= B x T /
+median), XLA's memory analysis of the compiled step (arguments, outputs,
+temporaries, and the bytes aliased by buffer donation) and the process's peak
+resident memory so far (`ru_maxrss`; monotone over the run, so it belongs to
+the largest configuration timed up to that row).
+
+  python -m benchmarks.lm_throughput                          # defaults
+  python -m benchmarks.lm_throughput --sizes=small --batch_size=8 \
+      --unroll_length=20 --repeats=3                     # a quick CPU check
+  python -m benchmarks.lm_throughput --sizes=wikitext103 --compile_only
+                                     # memory of the full batch, not run
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import resource
+import sys
+import time
+
+from absl import app
+from absl import flags
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from launch.configs import lm as lm_configs
+from rmc_jax.lm import task as lm_task
+from rmc_jax.training import config as config_lib
+from rmc_jax.training import loop
+from rmc_jax.training.mesh import DataMesh
+
+SIZES = {
+    # name: (config variant, vocabulary size, default global batch per device)
+    "small": ("small", 33_278, 32),
+    "wikitext103": ("wikitext103", 267_735, 64),
+}
+
+_SIZES = flags.DEFINE_list("sizes", list(SIZES), "Model sizes to time.")
+_CORES = flags.DEFINE_list("cores", ["rmc", "lstm"], "Cores to time.")
+_BATCH = flags.DEFINE_integer(
+    "batch_size", 0, "Global batch (lanes); 0: the size's default (small 32, "
+    "wikitext103 64 per device).")
+_UNROLL = flags.DEFINE_integer("unroll_length", 100,
+                               "Tokens per lane per step.")
+_VOCAB = flags.DEFINE_integer(
+    "vocab_size", 0, "Override the vocabulary size (0: the size's; the "
+    "adaptive softmax cutoffs must stay below it).")
+_WARMUP = flags.DEFINE_integer("warmup", 1, "Untimed steps after compiling.")
+_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed steps.")
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of parameters and batches.")
+_COMPILE_ONLY = flags.DEFINE_bool(
+    "compile_only", False, "Only compile and report XLA's memory analysis "
+    "(e.g. for batches too large to run on this machine).")
+_JSON = flags.DEFINE_string("json", None, "Also write the results here.")
+
+
+def make_task(config, vocab_size: int, batches: list[dict]) -> loop.Task:
+  """The LM Task of `lm_task.make_setup` on given batches (no corpus)."""
+
+  def forward(batch, state, is_training):
+    lm = lm_task.model_fn(config, vocab_size)
+    return lm(batch["inputs"], batch["targets"], batch["reset"], state,
+              is_training)
+
+  def initial_state(batch_size):
+    return lm_task.model_fn(config, vocab_size).initial_state(batch_size)
+
+  model = hk.transform(forward)
+  init_carry = lambda b: hk.transform(initial_state).apply({}, None, b)
+
+  def init(rng, batch):
+    return model.init(rng, batch, init_carry(batch["inputs"].shape[0]), True)
+
+  def loss(params, carry, rng, batch):
+    nll_BT, carry = model.apply(params, rng, batch, carry, True)
+    mask = batch["mask"]
+    return (nll_BT * mask).sum() / jnp.maximum(mask.sum(), 1.0), ({}, carry)
+
+  return loop.Task(init=init, loss=loss, train_iterator=iter(batches),
+                   init_carry=init_carry)
+
+
+def random_batch(rng: np.random.Generator, vocab_size: int, batch_size: int,
+                 unroll: int, reset: bool) -> dict[str, np.ndarray]:
+  tokens = rng.integers(0, vocab_size, (batch_size, unroll + 1), np.int32)
+  return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+          "mask": np.ones((batch_size, unroll), np.float32),
+          "reset": np.full((batch_size,), reset)}
+
+
+def peak_rss_bytes() -> int:
+  scale = 1 if sys.platform == "darwin" else 1024  # Linux reports KiB.
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+def time_config(size: str, core: str, mesh: DataMesh) -> dict:
+  variant, vocab_size, per_device = SIZES[size]
+  vocab_size = _VOCAB.value or vocab_size
+  config = lm_configs.get_config(variant)
+  config.core = core
+  config.seed = _SEED.value
+  config.batch_size = _BATCH.value or per_device * mesh.num_devices
+  config.unroll_length = _UNROLL.value
+  mesh.check_batch_size(config.batch_size, "--batch_size")
+  b, t = config.batch_size, config.unroll_length
+
+  rng = np.random.default_rng(_SEED.value)
+  first = random_batch(rng, vocab_size, b, t, reset=True)
+  batch = random_batch(rng, vocab_size, b, t, reset=False)
+  task = make_task(config, vocab_size, [first])
+  optimizer, schedule = config_lib.make_optimizer(config)
+
+  # The loop's own state, shardings and jitted step (see loop.train).
+  # pylint: disable=protected-access
+  start = time.perf_counter()
+  state = loop._init_state(task, config, optimizer, mesh, first)
+  shardings = loop._state_shardings(state, mesh)
+  state = jax.device_put(state, shardings)
+  num_params = loop.count_params(state.params)
+  train_step = loop._make_train_step(task, optimizer, schedule, shardings,
+                                     mesh)
+  # pylint: enable=protected-access
+  first, batch = mesh.shard_batch(first), mesh.shard_batch(batch)
+  compiled = train_step.lower(state, batch).compile()
+  init_and_compile_seconds = time.perf_counter() - start
+  memory = compiled.memory_analysis()
+
+  row = dict(size=size, core=core, vocab_size=vocab_size, batch_size=b,
+             unroll_length=t, num_devices=mesh.num_devices,
+             num_params=num_params,
+             init_and_compile_seconds=init_and_compile_seconds)
+  if memory is not None:
+    row.update(
+        argument_bytes=int(memory.argument_size_in_bytes),
+        output_bytes=int(memory.output_size_in_bytes),
+        temp_bytes=int(memory.temp_size_in_bytes),
+        alias_bytes=int(memory.alias_size_in_bytes))
+    row["compiled_total_bytes"] = (row["argument_bytes"] + row["output_bytes"]
+                                   + row["temp_bytes"])
+    # Donated state buffers are reused for the outputs: counted once.
+    row["compiled_live_bytes"] = (row["compiled_total_bytes"]
+                                  - row["alias_bytes"])
+  if _COMPILE_ONLY.value:
+    return dict(row, peak_rss_bytes=peak_rss_bytes())
+
+  state, metrics = compiled(state, first)
+  for _ in range(_WARMUP.value):
+    state, metrics = compiled(state, batch)
+  jax.block_until_ready(metrics)
+  times = []
+  for _ in range(_REPEATS.value):
+    start = time.perf_counter()
+    state, metrics = compiled(state, batch)
+    jax.block_until_ready((state, metrics))
+    times.append(time.perf_counter() - start)
+  seconds = float(np.median(times))
+  loss = float(metrics["loss"])
+  if not np.isfinite(loss):
+    raise RuntimeError(f"{size}/{core}: non-finite loss {loss}")
+
+  return dict(row, seconds_per_step=seconds, step_times=times,
+              tokens_per_sec=b * t / seconds, loss=loss,
+              peak_rss_bytes=peak_rss_bytes())
+
+
+def _gib(x) -> str:
+  return "-" if x is None else f"{x / 2**30:.2f}"
+
+
+def main(argv):
+  del argv
+  unknown = sorted(set(_SIZES.value) - set(SIZES))
+  if unknown:
+    raise app.UsageError(f"--sizes: unknown {unknown}; expected some of "
+                         f"{sorted(SIZES)}.")
+  bad_cores = sorted(set(_CORES.value) - {"rmc", "lstm"})
+  if bad_cores:
+    raise app.UsageError(f"--cores: unknown {bad_cores}; expected rmc, lstm.")
+  if _BATCH.value < 0 or _UNROLL.value < 1 or _REPEATS.value < 1 or \
+      _WARMUP.value < 0 or _VOCAB.value < 0:
+    raise app.UsageError("--batch_size, --vocab_size and --warmup must be "
+                         ">= 0; --unroll_length and --repeats >= 1.")
+  mesh = DataMesh()
+  device = jax.devices()[0]
+  print(f"device: {mesh.num_devices} x {device.device_kind} "
+        f"({platform.processor() or platform.machine()}), "
+        f"jax {jax.__version__}; "
+        + ("compile only" if _COMPILE_ONLY.value else
+           f"warmup {_WARMUP.value}, median of {_REPEATS.value} steps")
+        + "; memory in GiB")
+  header = (f"{'size':11} {'core':4} {'vocab':>7} {'B':>4} {'T':>4} "
+            f"{'params':>12} {'s/step':>8} {'tokens/s':>10} {'args':>6} "
+            f"{'out':>6} {'temp':>6} {'alias':>6} {'a+o+t':>6} {'maxRSS':>7}")
+  print(header)
+  print("-" * len(header))
+  results = []
+  for size in _SIZES.value:
+    for core in _CORES.value:
+      r = time_config(size, core, mesh)
+      results.append(r)
+      print(f"{size:11} {core:4} {r['vocab_size']:>7} {r['batch_size']:>4} "
+            f"{r['unroll_length']:>4} {r['num_params']:>12,} "
+            f"{r.get('seconds_per_step', math.nan):>8.3f} "
+            f"{r.get('tokens_per_sec', math.nan):>10,.0f} "
+            f"{_gib(r.get('argument_bytes')):>6} "
+            f"{_gib(r.get('output_bytes')):>6} "
+            f"{_gib(r.get('temp_bytes')):>6} "
+            f"{_gib(r.get('alias_bytes')):>6} "
+            f"{_gib(r.get('compiled_total_bytes')):>6} "
+            f"{_gib(r['peak_rss_bytes']):>7}", flush=True)
+  if _JSON.value:
+    with open(_JSON.value, "w", encoding="utf-8") as f:
+      json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+  app.run(main)

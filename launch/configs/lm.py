@@ -37,6 +37,9 @@ def get_config(variant: str = "synthetic"):
   c.softmax = "adaptive"  # or "full"
   c.cutoffs = (20_000, 40_000, 200_000)
   c.div_value = 4.0
+  # Compute each adaptive-softmax tail only for the rows that need it (far
+  # less memory with 100k+ word tails; see rmc_jax/lm/adaptive_softmax.py).
+  c.adaptive_packed = False
   c.input_dropout = 0.0
   c.output_dropout = 0.0
   c.tie_embeddings = False

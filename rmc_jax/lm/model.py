@@ -31,7 +31,8 @@ class LanguageModel(hk.Module):
                core_kwargs: Mapping[str, Any], softmax: str = "adaptive",
                cutoffs: tuple[int, ...] = (), div_value: float = 4.0,
                input_dropout: float = 0.0, output_dropout: float = 0.0,
-               tie_embeddings: bool = False, name: str | None = "lm"):
+               tie_embeddings: bool = False, adaptive_packed: bool = False,
+               name: str | None = "lm"):
     super().__init__(name=name)
     if softmax not in ("adaptive", "full"):
       raise ValueError(f"softmax must be 'adaptive' or 'full', got {softmax!r}.")
@@ -48,8 +49,11 @@ class LanguageModel(hk.Module):
     elif softmax == "full":
       self._softmax = FullSoftmax(vocab_size, name="softmax")
     else:
+      # Packed tails compute each tail cluster only for the rows whose
+      # target is in it (much less memory for 200k-word tails).
       self._softmax = AdaptiveSoftmax(vocab_size, tuple(cutoffs), div_value,
-                                      name="softmax")
+                                      name="softmax",
+                                      compute_tail_for_all=not adaptive_packed)
 
   def initial_state(self, batch_size: int) -> Any:
     return self.core.initial_state(batch_size)

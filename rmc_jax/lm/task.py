@@ -47,7 +47,8 @@ def model_fn(config: Any, vocab_size: int) -> LanguageModel:
       softmax=config.softmax, cutoffs=tuple(config.cutoffs),
       div_value=config.div_value, input_dropout=config.input_dropout,
       output_dropout=config.output_dropout,
-      tie_embeddings=config.tie_embeddings)
+      tie_embeddings=config.tie_embeddings,
+      adaptive_packed=config.adaptive_packed)
 
 
 def load(config: Any) -> cache_lib.Corpus:

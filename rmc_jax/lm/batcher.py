@@ -49,19 +49,9 @@ from typing import Any
 
 import numpy as np
 
+from rmc_jax.checks import check_int
+
 __all__ = ["TBPTTBatcher", "EvalBatches"]
-
-
-def _int(name: str, value: Any, minimum: int) -> int:
-  if isinstance(value, (bool, np.bool_)):
-    raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-  try:
-    value = operator.index(value)
-  except TypeError:
-    raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}") from None
-  if value < minimum:
-    raise ValueError(f"{name} must be an integer >= {minimum}, got {value}")
-  return value
 
 
 def _check_tokens(tokens: Any) -> np.ndarray:
@@ -86,10 +76,10 @@ class TBPTTBatcher(Iterator[dict]):
                random_offsets: bool = False, seed: int = 0) -> None:
     """Raises ValueError unless every lane holds at least one full segment (L >= T)."""
     self.tokens = _check_tokens(tokens)
-    self.batch_size = _int("batch_size", batch_size, 1)
-    self.seq_len = _int("seq_len", seq_len, 1)
+    self.batch_size = check_int("batch_size", batch_size, 1)
+    self.seq_len = check_int("seq_len", seq_len, 1)
     self.random_offsets = bool(random_offsets)
-    self.seed = _int("seed", seed, 0)
+    self.seed = check_int("seed", seed, 0)
     self.lane_len = (self.tokens.shape[0] - 1) // self.batch_size
     if self.lane_len < self.seq_len:
       raise ValueError(
@@ -113,7 +103,7 @@ class TBPTTBatcher(Iterator[dict]):
 
   def batch_at(self, epoch: int, segment: int) -> dict[str, np.ndarray]:
     """Batch (epoch, segment) without moving the iterator."""
-    epoch, segment = _int("epoch", epoch, 0), _int("segment", segment, 0)
+    epoch, segment = check_int("epoch", epoch, 0), check_int("segment", segment, 0)
     if segment >= self.segments_in_epoch(epoch):
       raise ValueError(f"epoch {epoch} has {self.segments_in_epoch(epoch)} segments, "
                        f"asked for segment {segment}")
@@ -167,8 +157,8 @@ class TBPTTBatcher(Iterator[dict]):
       if name in state and state[name] != value:
         raise ValueError(f"iterator state has {name}={state[name]!r} but this batcher "
                          f"has {name}={value!r}")
-    epoch = _int("epoch", state["epoch"], 0)
-    segment = _int("segment", state["segment"], 0)
+    epoch = check_int("epoch", state["epoch"], 0)
+    segment = check_int("segment", state["segment"], 0)
     if segment > self.segments_in_epoch(epoch):
       raise ValueError(f"segment {segment} is beyond epoch {epoch}'s "
                        f"{self.segments_in_epoch(epoch)} segments")
@@ -189,8 +179,8 @@ class EvalBatches:
   def __init__(self, tokens: np.ndarray, batch_size: int, seq_len: int) -> None:
     """Raises ValueError for a stream of fewer than 2 tokens."""
     self.tokens = _check_tokens(tokens)
-    self.batch_size = _int("batch_size", batch_size, 1)
-    self.seq_len = _int("seq_len", seq_len, 1)
+    self.batch_size = check_int("batch_size", batch_size, 1)
+    self.seq_len = check_int("seq_len", seq_len, 1)
     self.num_targets = self.tokens.shape[0] - 1
     if self.num_targets < 1:
       raise ValueError(f"an evaluation stream needs at least 2 tokens, got "

@@ -35,11 +35,12 @@ L = sentences generated in parallel.
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
+
+from rmc_jax.checks import check_int
 
 __all__ = ["MarkovSource"]
 
@@ -48,18 +49,6 @@ _MAX_CONTEXTS = 2**22
 _LANES = 1024  # Sentences generated in parallel; fixed so streams are stable.
 _TABLE_STREAM = 0
 _SPLIT_STREAMS = {"train": 1, "valid": 2, "test": 3}
-
-
-def _int(name: str, value: Any, minimum: int) -> int:
-  if isinstance(value, (bool, np.bool_)):
-    raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-  try:
-    value = operator.index(value)
-  except TypeError:
-    raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}") from None
-  if value < minimum:
-    raise ValueError(f"{name} must be an integer >= {minimum}, got {value}")
-  return value
 
 
 class MarkovSource:
@@ -78,10 +67,10 @@ class MarkovSource:
   def __init__(self, num_words: int = 64, order: int = 1, branching: int = 4,
                eos_prob: float = 0.05, alpha: float = 0.5, seed: int = 0) -> None:
     """Builds the tables from `seed`; raises ValueError for bad settings."""
-    self.num_words = _int("num_words", num_words, 1)
-    self.order = _int("order", order, 1)
-    self.branching = _int("branching", branching, 1)
-    self.seed = _int("seed", seed, 0)
+    self.num_words = check_int("num_words", num_words, 1)
+    self.order = check_int("order", order, 1)
+    self.branching = check_int("branching", branching, 1)
+    self.seed = check_int("seed", seed, 0)
     if self.branching > self.num_words:
       raise ValueError(f"branching ({branching}) must be <= num_words ({num_words})")
     if not 0.0 < float(eos_prob) < 1.0:
@@ -183,7 +172,7 @@ class MarkovSource:
     """
     if split not in _SPLIT_STREAMS:
       raise ValueError(f"split must be one of {sorted(_SPLIT_STREAMS)}, got {split!r}")
-    num_tokens = _int("num_tokens", num_tokens, 1)
+    num_tokens = check_int("num_tokens", num_tokens, 1)
     rng = np.random.default_rng([self.seed, _SPLIT_STREAMS[split]])
     C, A, J = self.num_contexts, self.alphabet_size, self.branching + 1
     pieces, total = [], 0

@@ -79,11 +79,12 @@ from __future__ import annotations
 import collections
 import enum
 import math
-import operator
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
+
+from rmc_jax.checks import batch_rng, check_int, check_seed
 
 __all__ = [
     "TaskType",
@@ -267,24 +268,6 @@ def decode(ids: Sequence[int] | np.ndarray) -> str:
 
 _TRAIN_STREAM = 0
 _EVAL_STREAM = 1
-_MAX_SEED = 2**32
-
-
-def _check_int(name: str, value: Any, minimum: int,
-               maximum: int | None = None) -> int:
-  """Returns `value` as an int, or raises ValueError if it is not an integer
-  in [minimum, maximum]."""
-  if isinstance(value, (bool, np.bool_)):
-    raise ValueError(f"{name} must be an integer, got {value!r}")
-  try:
-    as_int = operator.index(value)
-  except TypeError:
-    raise ValueError(f"{name} must be an integer, got {value!r}") from None
-  if as_int < minimum or (maximum is not None and as_int > maximum):
-    bound = f" and <= {maximum}" if maximum is not None else ""
-    raise ValueError(f"{name} must be an integer >= {minimum}{bound}, "
-                     f"got {as_int}")
-  return as_int
 
 
 def _check_task(task: Any) -> str:
@@ -300,18 +283,14 @@ def _check_sizes(task: Any, max_length: Any,
                  max_nesting: Any) -> tuple[str, int, int]:
   """Validates (task, max_length, max_nesting) together."""
   task = _check_task(task)
-  max_length = _check_int("max_length", max_length, 1, MAX_LITERAL_LENGTH)
-  max_nesting = _check_int("max_nesting", max_nesting, 1)
+  max_length = check_int("max_length", max_length, 1, MAX_LITERAL_LENGTH)
+  max_nesting = check_int("max_nesting", max_nesting, 1)
   if task in MEMORY_TASKS and max_nesting != 1:
     raise ValueError(
         f"memory task {task} needs max_nesting == 1, got {max_nesting}: with "
         "nesting the code gains parentheses and no longer fits num_steps "
         "(Sonnet raises 'Token sequence is too large')")
   return task, max_length, max_nesting
-
-
-def _check_seed(seed: Any) -> int:
-  return _check_int("seed", seed, 0, _MAX_SEED - 1)
 
 
 def sequence_lengths(task: Any, max_length: int,
@@ -404,8 +383,8 @@ def generate_code(rng: np.random.Generator, task: Any, length: int,
                   nesting: int) -> tuple[str, str]:
   """One (program_text, target_text) pair at literal length `length` and
   nesting `nesting` (see `generate_texts`)."""
-  length = _check_int("length", length, 1, MAX_LITERAL_LENGTH)
-  nesting = _check_int("nesting", nesting, 1)
+  length = check_int("length", length, 1, MAX_LITERAL_LENGTH)
+  nesting = check_int("nesting", nesting, 1)
   return generate_texts(rng, task, [length], [nesting])[0]
 
 
@@ -486,8 +465,8 @@ def encode_batch(pairs: Sequence[tuple[str, str]], num_steps: int,
       num_steps characters or a target more than num_steps_out; or a character
       outside the vocabulary.
   """
-  num_steps = _check_int("num_steps", num_steps, 1)
-  num_steps_out = _check_int("num_steps_out", num_steps_out, 1)
+  num_steps = check_int("num_steps", num_steps, 1)
+  num_steps_out = check_int("num_steps_out", num_steps_out, 1)
   tokens_in, lengths_in = _pad_and_encode([p for p, _ in pairs], num_steps)
   tokens_out, lengths_out = _pad_and_encode([t for _, t in pairs],
                                             num_steps_out)
@@ -520,10 +499,10 @@ class Curriculum:
   def __init__(self, max_length: int, max_nesting: int,
                loss_threshold: float = 0.1, min_tries: int = 10):
     """Raises ValueError for sizes < 1, min_tries < 0 or a bad threshold."""
-    self.max_length = _check_int("max_length", max_length, 1,
+    self.max_length = check_int("max_length", max_length, 1,
                                  MAX_LITERAL_LENGTH)
-    self.max_nesting = _check_int("max_nesting", max_nesting, 1)
-    self.min_tries = _check_int("min_tries", min_tries, 0)
+    self.max_nesting = check_int("max_nesting", max_nesting, 1)
+    self.min_tries = check_int("min_tries", min_tries, 0)
     self.loss_threshold = float(loss_threshold)
     if not math.isfinite(self.loss_threshold):
       raise ValueError(f"loss_threshold must be finite, got {loss_threshold}")
@@ -624,9 +603,9 @@ class Curriculum:
           f"curriculum state for {state['name']!r} at maxima "
           f"({state['max_length']}, {state['max_nesting']}) does not match "
           f"{self.name!r} at ({self.max_length}, {self.max_nesting})")
-    length = _check_int("length", state["length"], 1, self.max_length)
-    nesting = _check_int("nesting", state["nesting"], 1, self.max_nesting)
-    num_tries = _check_int("num_tries", state["num_tries"], 0)
+    length = check_int("length", state["length"], 1, self.max_length)
+    nesting = check_int("nesting", state["nesting"], 1, self.max_nesting)
+    num_tries = check_int("num_tries", state["num_tries"], 0)
     window = [float(x) for x in state["window"]]
     if len(window) > self.window_size:
       raise ValueError(f"loss window longer than {self.window_size}")
@@ -727,7 +706,7 @@ def generate_batch(rng: np.random.Generator, batch_size: int, task: Any,
   Returns:
     An `LTEBatch`, or (LTEBatch, list of B text pairs) with return_text.
   """
-  batch_size = _check_int("batch_size", batch_size, 1)
+  batch_size = check_int("batch_size", batch_size, 1)
   task, max_length, max_nesting = _check_sizes(task, max_length, max_nesting)
   if curriculum is None:
     curriculum = BaselineCurriculum(max_length, max_nesting)
@@ -740,17 +719,6 @@ def generate_batch(rng: np.random.Generator, batch_size: int, task: Any,
   return (batch, pairs) if return_text else batch
 
 
-def _batch_rng(stream: int, seed: int, index: int) -> np.random.Generator:
-  """Generator for batch `index` of `stream` under `seed`.
-
-  Always four uint32 words of entropy (stream, seed, low and high halves of
-  index), so distinct triples never share a stream.
-  """
-  if not 0 <= index < 2**64:
-    raise ValueError(f"batch index must be in [0, 2**64), got {index}")
-  return np.random.default_rng([stream, seed, index & 0xFFFFFFFF, index >> 32])
-
-
 def eval_batch(task: Any, max_length: int, max_nesting: int,
                num_samples: int = 12800, seed: int = 0,
                return_text: bool = False):
@@ -761,8 +729,8 @@ def eval_batch(task: Any, max_length: int, max_nesting: int,
   the same for a given (task, maxima, num_samples, seed) whatever the
   training run did. Use `LTEBatch.slice` to run it in chunks.
   """
-  seed = _check_seed(seed)
-  return generate_batch(_batch_rng(_EVAL_STREAM, seed, 0), num_samples, task,
+  seed = check_seed(seed)
+  return generate_batch(batch_rng(_EVAL_STREAM, seed, 0), num_samples, task,
                         max_length, max_nesting, None, return_text)
 
 
@@ -781,7 +749,7 @@ class LearnToExecuteIterator(Iterator[LTEBatch]):
                loss_threshold: float = 0.1, min_tries: int = 10):
     """See the class docstring. Raises ValueError for a bad task, size,
     curriculum or seed, or a memory task with max_nesting != 1."""
-    self.batch_size = _check_int("batch_size", batch_size, 1)
+    self.batch_size = check_int("batch_size", batch_size, 1)
     self.task, self.max_length, self.max_nesting = _check_sizes(
         task, max_length, max_nesting)
     self.curriculum = make_curriculum(curriculum, self.max_length,
@@ -789,7 +757,7 @@ class LearnToExecuteIterator(Iterator[LTEBatch]):
                                       min_tries)
     self.num_steps, self.num_steps_out = sequence_lengths(
         self.task, self.max_length, self.max_nesting)
-    self._seed = _check_seed(seed)
+    self._seed = check_seed(seed)
     self._index = 0
 
   @property
@@ -807,8 +775,8 @@ class LearnToExecuteIterator(Iterator[LTEBatch]):
 
   def batch_at(self, index: int, return_text: bool = False):
     """Batch `index` at the current curriculum level, without moving."""
-    index = _check_int("index", index, 0)
-    return generate_batch(_batch_rng(_TRAIN_STREAM, self._seed, index),
+    index = check_int("index", index, 0)
+    return generate_batch(batch_rng(_TRAIN_STREAM, self._seed, index),
                           self.batch_size, self.task, self.max_length,
                           self.max_nesting, self.curriculum, return_text)
 
@@ -840,7 +808,7 @@ class LearnToExecuteIterator(Iterator[LTEBatch]):
                                               "curriculum"} <= state.keys():
       raise ValueError(f"state must be a mapping with keys 'seed', 'index' "
                        f"and 'curriculum', got {state!r}")
-    seed = _check_seed(state["seed"])
-    index = _check_int("index", state["index"], 0)
+    seed = check_seed(state["seed"])
+    index = check_int("index", state["index"], 0)
     self.curriculum.set_state(state["curriculum"])
     self._seed, self._index = seed, index

@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import operator
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -58,6 +57,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from rmc_jax.checks import batch_rng, check_int, check_seed
 from rmc_jax.cores import make_core
 from rmc_jax.training import config as config_lib
 from rmc_jax.training.loop import Task
@@ -75,22 +75,6 @@ __all__ = [
 # `_batch_rng`).
 _TRAIN_STREAM = 0
 _HELD_OUT_STREAM = 1
-_MAX_SEED = 2**32  # Seeds must fit in one uint32 word.
-
-
-def _check_int(name: str, value: Any, minimum: int) -> int:
-    """Returns `value` as a Python int, or raises ValueError if it is not an int >= `minimum`."""
-    if isinstance(value, (bool, np.bool_)):
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    try:
-        as_int = operator.index(value)
-    except TypeError:
-        raise ValueError(
-            f"{name} must be an integer >= {minimum}, got {value!r}"
-        ) from None
-    if as_int < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {as_int}")
-    return as_int
 
 
 def _check_sizes(
@@ -98,18 +82,10 @@ def _check_sizes(
 ) -> tuple[int, int, int]:
     """Validates the three size arguments and returns them as ints."""
     return (
-        _check_int("batch_size", batch_size, 1),
-        _check_int("num_objects", num_objects, 2),
-        _check_int("num_features", num_features, 1),
+        check_int("batch_size", batch_size, 1),
+        check_int("num_objects", num_objects, 2),
+        check_int("num_features", num_features, 1),
     )
-
-
-def _check_seed(seed: Any) -> int:
-    """Validates a seed: an int in [0, 2**32)."""
-    seed = _check_int("seed", seed, 0)
-    if seed >= _MAX_SEED:
-        raise ValueError(f"seed must be an integer in [0, 2**32), got {seed}")
-    return seed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,8 +105,8 @@ class NthFarthestSpec:
     sonnet_compat: bool = False
 
     def __post_init__(self) -> None:
-        _check_int("num_objects", self.num_objects, 2)
-        _check_int("num_features", self.num_features, 1)
+        check_int("num_objects", self.num_objects, 2)
+        check_int("num_features", self.num_features, 1)
 
     @property
     def input_size(self) -> int:
@@ -206,7 +182,7 @@ def generate_batch(
     answer_pos_B = np.take_along_axis(order_BT, n_B[:, None], axis=1)[:, 0]
     labels_B = np.take_along_axis(ids_BT, answer_pos_B[:, None], axis=1)[:, 0]
 
-    C = K if onehot_size is None else _check_int("onehot_size", onehot_size, K)
+    C = K if onehot_size is None else check_int("onehot_size", onehot_size, K)
     eye_KC = np.eye(K, C, dtype=np.float32)
     inputs_BTD = np.empty((B, K, F + 3 * C), dtype=np.float32)
     inputs_BTD[:, :, :F] = x_BTF
@@ -215,20 +191,6 @@ def generate_batch(
     inputs_BTD[:, :, F + C : F + 2 * C] = eye_KC[first_q_B][:, None, :]
     inputs_BTD[:, :, F + 2 * C :] = eye_KC[second_q_B][:, None, :]
     return inputs_BTD, labels_B.astype(np.int32)
-
-
-def _batch_rng(stream: int, seed: int, index: int) -> np.random.Generator:
-    """Generator for batch `index` of `stream` under `seed`.
-
-    The entropy is always exactly four uint32 words, (stream, seed, low and
-    high halves of index), so distinct (stream, seed, index) triples never map
-    to the same entropy (variable-length lists such as [seed, k] and
-    [seed, k, 0] would, because SeedSequence zero-pads short entropy).
-    """
-    if not 0 <= index < 2**64:
-        raise ValueError(f"batch index must be in [0, 2**64), got {index}")
-    entropy = [stream, seed, index & 0xFFFFFFFF, index >> 32]
-    return np.random.default_rng(entropy)
 
 
 class NthFarthestIterator(Iterator[tuple[np.ndarray, np.ndarray]]):
@@ -261,14 +223,14 @@ class NthFarthestIterator(Iterator[tuple[np.ndarray, np.ndarray]]):
             batch_size, num_objects, num_features
         )
         self.spec = NthFarthestSpec(num_objects, num_features, bool(sonnet_compat))
-        self._seed = _check_seed(seed)
+        self._seed = check_seed(seed)
         self._index = 0
-        self.min_objects = num_objects if min_objects is None else _check_int(
+        self.min_objects = num_objects if min_objects is None else check_int(
             "min_objects", min_objects, 2)
         if self.min_objects > num_objects:
             raise ValueError(f"min_objects must be <= num_objects ({num_objects}), "
                              f"got {self.min_objects}")
-        self.objects_step = _check_int("objects_step", objects_step, 0)
+        self.objects_step = check_int("objects_step", objects_step, 0)
 
     def num_objects_at(self, index: int) -> int:
         """Number of objects in batch `index` (see the curriculum above)."""
@@ -288,9 +250,9 @@ class NthFarthestIterator(Iterator[tuple[np.ndarray, np.ndarray]]):
 
     def batch_at(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """Returns batch `index` without moving the iterator."""
-        index = _check_int("index", index, 0)
+        index = check_int("index", index, 0)
         return generate_batch(
-            _batch_rng(_TRAIN_STREAM, self._seed, index),
+            batch_rng(_TRAIN_STREAM, self._seed, index),
             self.batch_size,
             self.num_objects_at(index),
             self.spec.num_features,
@@ -317,8 +279,8 @@ class NthFarthestIterator(Iterator[tuple[np.ndarray, np.ndarray]]):
             raise ValueError(
                 f"state must be a mapping with keys 'seed' and 'index', got {state!r}"
             )
-        seed = _check_seed(state["seed"])
-        index = _check_int("index", state["index"], 0)
+        seed = check_seed(state["seed"])
+        index = check_int("index", state["index"], 0)
         self._seed, self._index = seed, index
 
 
@@ -340,14 +302,14 @@ def held_out_batches(
       A list of `num_batches` tuples (inputs_BTD float32 [B, K, F+3K],
       labels_B int32 [B]).
     """
-    num_batches = _check_int("num_batches", num_batches, 1)
+    num_batches = check_int("num_batches", num_batches, 1)
     batch_size, num_objects, num_features = _check_sizes(
         batch_size, num_objects, num_features
     )
-    seed = _check_seed(seed)
+    seed = check_seed(seed)
     return [
         generate_batch(
-            _batch_rng(_HELD_OUT_STREAM, seed, k),
+            batch_rng(_HELD_OUT_STREAM, seed, k),
             batch_size,
             num_objects,
             num_features,

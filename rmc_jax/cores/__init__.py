@@ -6,6 +6,8 @@ import inspect
 from typing import Any, Callable
 
 import haiku as hk
+import jax
+import jax.numpy as jnp
 
 from rmc_jax.cores.dnc import DNC, DNCState
 from rmc_jax.cores.lstm import LSTMStack
@@ -39,5 +41,18 @@ def make_core(name: str, **kwargs: Any) -> hk.RNNCore:
   return ctor(**kwargs)
 
 
+def select_state(mask_B: jax.Array, if_true: Any, if_false: Any) -> Any:
+  """Per batch row, the state `if_true` where mask_B is True, else `if_false`.
+
+  Both are core states (pytrees whose leaves have the batch as leading axis);
+  used to reset a core at episode or epoch starts, or to freeze finished
+  sequences.
+  """
+  def select(a, b):
+    mask = mask_B.reshape(mask_B.shape + (1,) * (b.ndim - 1))
+    return jnp.where(mask, a.astype(b.dtype), b)
+  return jax.tree.map(select, if_true, if_false)
+
+
 __all__ = ["CORES", "DNC", "DNCState", "LSTMStack", "RelationalMemory",
-           "StepInfo", "make_core"]
+           "StepInfo", "make_core", "select_state"]

@@ -15,7 +15,7 @@ import haiku as hk
 import jax
 import jax.numpy as jnp
 
-from rmc_jax.cores import make_core
+from rmc_jax.cores import make_core, select_state
 from rmc_jax.lm.adaptive_softmax import AdaptiveSoftmax, FullSoftmax
 
 
@@ -63,10 +63,7 @@ class LanguageModel(hk.Module):
                ) -> tuple[jax.Array, Any]:
     """Returns (per-token negative log-likelihood [B, T], final state)."""
     b, t = inputs_BT.shape
-    fresh = self.core.initial_state(b)
-    state = jax.tree.map(
-        lambda s0, s: jnp.where(
-            reset_B.reshape((-1,) + (1,) * (s.ndim - 1)), s0, s), fresh, state)
+    state = select_state(reset_B, self.core.initial_state(b), state)
     x_TBE = self.embed(inputs_BT.T)
     if is_training and self._input_dropout:
       x_TBE = hk.dropout(hk.next_rng_key(), self._input_dropout, x_TBE)

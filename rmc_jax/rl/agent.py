@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rmc_jax.cores import make_core
+from rmc_jax.cores import make_core, select_state
 
 _COORDS_POSITIONS = ("input", "torso_output", None)
 
@@ -50,14 +50,6 @@ def add_coordinate_planes(x_BHWC: jax.Array) -> jax.Array:
   coords_HW2 = jnp.stack([xs_HW, ys_HW], axis=-1).astype(x_BHWC.dtype)
   coords = jnp.broadcast_to(coords_HW2, x_BHWC.shape[:-1] + (2,))
   return jnp.concatenate([x_BHWC, coords], axis=-1)
-
-
-def _reset_where(first_B: jax.Array, initial_state: Any, state: Any) -> Any:
-  """The initial state in the batch rows where first_B is True."""
-  def select(init, s):
-    mask = first_B.reshape(first_B.shape + (1,) * (s.ndim - 1))
-    return jnp.where(mask, init.astype(s.dtype), s)
-  return jax.tree.map(select, initial_state, state)
 
 
 class ActorCriticNetwork(hk.Module):
@@ -188,7 +180,7 @@ class ActorCriticNetwork(hk.Module):
       ((logits [B, A], value [B]), next core state).
     """
     if first_B is not None:
-      state = _reset_where(first_B, self.initial_state(obs_BHWC.shape[0]),
+      state = select_state(first_B, self.initial_state(obs_BHWC.shape[0]),
                            state)
     out_BD, state = self._core_step(self.torso(obs_BHWC), state)
     return self.heads(out_BD), state
@@ -226,7 +218,7 @@ class ActorCriticNetwork(hk.Module):
 
       def step(state, xs):
         x_B, first_B = xs
-        state = _reset_where(first_B, initial_state, state)
+        state = select_state(first_B, initial_state, state)
         out_BD, state = self._core_step(x_B, state)
         return state, out_BD
 

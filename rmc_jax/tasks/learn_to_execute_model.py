@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from rmc_jax.cores import make_core
+from rmc_jax.cores import make_core, select_state
 from rmc_jax.tasks import learn_to_execute as lte
 from rmc_jax.training import config as config_lib
 from rmc_jax.training.loop import Task
@@ -39,9 +39,7 @@ def masked_unroll(core: hk.RNNCore, inputs_TBD: jax.Array, mask_TB: jax.Array,
   def step(state, xs):
     x_BD, m_B = xs
     _, new_state = core(x_BD, state)
-    keep = lambda new, old: jnp.where(
-        m_B.reshape((-1,) + (1,) * (new.ndim - 1)) > 0, new, old)
-    return jax.tree.map(keep, new_state, state), None
+    return select_state(m_B > 0, new_state, state), None
 
   state, _ = hk.scan(step, state, (inputs_TBD, mask_TB))
   return state

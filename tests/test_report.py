@@ -1,0 +1,187 @@
+"""Tests of `python -m launch.report` on hand-written (fake) workdirs.
+
+No training: config.json, metrics.jsonl and summary.json are written by hand,
+the report is rendered, and the page and its figures are checked. The
+attention plot is tested on a synthetic array (a real one needs a trained
+checkpoint).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_ROOT not in sys.path:  # `launch` is not an installed package.
+  sys.path.insert(0, REPO_ROOT)
+
+from launch import report  # pylint: disable=g-import-not-at-top
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+NTH_COMMAND = "python -m launch.train_nth_farthest --config.core=rmc --fake"
+LM_COMMAND = "python -m launch.train_lm --config.core=lstm --fake"
+
+
+def _write_run(workdir, config, rows, summary):
+  os.makedirs(workdir)
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    json.dump(config, f)
+  with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
+    for row in rows:
+      f.write(json.dumps(row) + "\n")
+  if summary is not None:
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+      json.dump(summary, f)
+
+
+def _nth_run(workdir, core, seed, params, accuracies):
+  rows = []
+  for i, acc in enumerate(accuracies):
+    step = 100 * (i + 1)
+    rows.append({"step": step, "split": "train", "loss": 1.0 - acc,
+                 "accuracy": acc - 0.01, "steps_per_sec": 9.0})
+    rows.append({"step": step, "split": "eval", "loss": 1.1 - acc,
+                 "accuracy": acc})
+  summary = {"status": "completed", "step": 100 * len(accuracies),
+             "num_params": params, "core": core, "steps_per_sec": 12.5,
+             "wall_seconds": 95.0,
+             "train": {"loss": 0.2, "accuracy": accuracies[-1] - 0.01},
+             "eval": {"loss": 1.1 - accuracies[-1],
+                      "accuracy": accuracies[-1]}}
+  _write_run(workdir, {"core": core, "seed": seed, "num_objects": 3,
+                       "num_features": 2}, rows, summary)
+
+
+def _lm_run(workdir, core, valid_ppls, test_ppl, finished=True):
+  rows = []
+  for i, ppl in enumerate(valid_ppls):
+    step = 50 * (i + 1)
+    rows.append({"step": step, "split": "train", "loss": np.log(ppl) + 0.1})
+    rows.append({"step": step, "split": "eval", "loss": float(np.log(ppl)),
+                 "perplexity": ppl})
+  summary = None
+  if finished:
+    rows.append({"step": 50 * len(valid_ppls), "split": "test",
+                 "loss": float(np.log(test_ppl)), "perplexity": test_ppl})
+    summary = {"status": "completed", "step": 50 * len(valid_ppls),
+               "num_params": 4321, "core": core, "steps_per_sec": 3.25,
+               "wall_seconds": 4000.0,
+               "train": {"loss": 1.5, "tokens_per_sec": 777.0},
+               "eval": {"loss": float(np.log(valid_ppls[-1])),
+                        "perplexity": valid_ppls[-1]},
+               "test": {"loss": float(np.log(test_ppl)),
+                        "perplexity": test_ppl}}
+  _write_run(workdir, {"core": core, "seed": 3, "dataset": "synthetic"},
+             rows, summary)
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory):
+  tmp = tmp_path_factory.mktemp("report")
+  _nth_run(str(tmp / "rmc"), "rmc", 7, 123456, [0.5, 0.7, 0.875])
+  _nth_run(str(tmp / "lstm"), "lstm", 7, 654321, [0.4, 0.41, 0.425])
+  _lm_run(str(tmp / "lm_rmc"), "rmc", [9.0, 4.0, 3.5], 3.21)
+  _lm_run(str(tmp / "lm_lstm"), "lstm", [10.0, 6.0], None, finished=False)
+  manifest = {
+      "machine": "fake 2-core test machine", "date": "2000-01-02",
+      "nth_farthest": {"runs": {"RMC": "rmc", "LSTM": str(tmp / "lstm"),
+                                "DNC": "does_not_exist"},
+                       "command": NTH_COMMAND,
+                       "notes": "Ours is a 3 x 2 task, not 8 x 16."},
+      "lm_synthetic": {"runs": {"RMC": "lm_rmc", "LSTM": "lm_lstm"},
+                       "true_entropy": 1.0, "command": [LM_COMMAND, "second"]},
+  }
+  manifest_path = tmp / "manifest.json"
+  manifest_path.write_text(json.dumps(manifest))
+  out = tmp / "docs" / "results.md"
+  assert report.main([f"--manifest={manifest_path}", f"--out={out}"]) == 0
+  return out, out.read_text()
+
+
+def test_page_has_sections_and_provenance(rendered):
+  _, text = rendered
+  assert text.startswith("# Results")
+  assert "## Nth farthest" in text
+  assert "## Language modelling: synthetic corpus" in text
+  assert NTH_COMMAND in text and LM_COMMAND in text
+  assert "fake 2-core test machine" in text and "2000-01-02" in text
+  assert "Seed 7 (config.json)" in text and "RMC: `rmc`" in text
+  assert "Ours is a 3 x 2 task, not 8 x 16." in text
+  assert "_not filled in yet._" in text  # The LM section has no notes.
+  # Sections not in the manifest are listed, not silently dropped.
+  assert "Learning to Execute" in text.split("## Nth farthest")[0]
+  assert "Missing run, left out: DNC" in text
+
+
+def test_tables_hold_the_fake_numbers(rendered):
+  _, text = rendered
+  lines = text.splitlines()
+  rmc = next(l for l in lines if l.startswith("| RMC | RMC | 123,456 |"))
+  assert "| 300 | 7 | 3 x 2 |" in rmc and "87.5%" in rmc
+  assert "| 12.5 |" in rmc and "95 s" in rmc and "~91%" in rmc
+  lstm = next(l for l in lines if l.startswith("| LSTM | LSTM | 654,321 |"))
+  assert "42.5%" in lstm and "< 30%" in lstm
+  lm = next(l for l in lines if l.startswith("| RMC | RMC | 4,321 |"))
+  assert "| 3.50 | 3.21 |" in lm and "1.1663" in lm  # valid, test, test loss
+  assert "+0.1663" in lm  # test loss minus the true entropy (1 nat)
+  assert "66.7 min" in lm and "| 777 |" in lm
+  unfinished = next(l for l in lines if l.startswith("| LSTM | LSTM |"
+                                                     " ? | 100"))
+  assert "in progress" in unfinished
+  # The paper's numbers are there, marked as the paper's.
+  assert "Table 2 (full scale" in text and "| 30.8 | 31.6 |" in text
+
+
+def test_figures_are_small_pngs(rendered):
+  out, text = rendered
+  names = ["results_nth_farthest.png", "results_lm_synthetic.png"]
+  for name in names:
+    path = out.parent / name
+    assert path.read_bytes()[:8] == PNG_MAGIC
+    assert path.stat().st_size < 200_000
+    assert f"]({name})" in text
+  assert sorted(p.name for p in out.parent.glob("*.png")) == sorted(names)
+
+
+def test_plot_attention_on_synthetic_weights(tmp_path):
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(4, 1, 2, 5, 5))  # [T, blocks, H, N+1, N+1]
+  weights = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+  path = tmp_path / "attention.png"
+  report.plot_attention(weights, str(path), ids=[2, 0, 3, 1], reference=3,
+                        mem_slots=4, title="question: n=1, m=3; answer 0")
+  assert path.read_bytes()[:8] == PNG_MAGIC
+  assert path.stat().st_size < 200_000
+  report.plot_attention(weights[:, 0], str(tmp_path / "mean.png"),
+                        heads="mean")
+  assert (tmp_path / "mean.png").exists()
+  with pytest.raises(ValueError):
+    report.plot_attention(weights[..., :4], str(tmp_path / "bad.png"))
+
+
+def test_mean_return_weights_windows_by_episodes():
+  run = {"rows": [
+      {"step": 1, "split": "train", "return_sum": 1.0, "episodes": 1.0},
+      {"step": 2, "split": "train", "return_sum": 9.0, "episodes": 3.0}]}
+  assert report.mean_return(run) == pytest.approx(2.5)
+  assert report.mean_return(run, last=1) == pytest.approx(3.0)
+
+
+def test_bad_manifest_exits_with_code_2(tmp_path, capsys):
+  assert report.main([f"--manifest={tmp_path / 'none.json'}",
+                      f"--out={tmp_path / 'r.md'}"]) == 2
+  assert "--manifest" in capsys.readouterr().err
+
+
+def test_runs_without_points_give_no_figure(tmp_path):
+  _write_run(str(tmp_path / "rl"), {"core": "rmc", "seed": 1, "env": "box"},
+             [], None)
+  out = tmp_path / "page.md"
+  text, figures = report.build_report(
+      {"rl": {"runs": {"RMC": str(tmp_path / "rl")}}}, str(out))
+  assert figures == [] and "_No figure" in text
+  assert "| RMC | RMC | ? | ? (in progress: no summary.json) | 1 | box |" in text

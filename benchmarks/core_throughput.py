@@ -37,6 +37,10 @@ _CORES = flags.DEFINE_list("cores", ["rmc", "lstm", "dnc"], "Cores to time.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed runs per measurement.")
 _REMAT = flags.DEFINE_bool("remat", False, "Use remat in the RMC unroll.")
 _JSON = flags.DEFINE_string("json", None, "Also write the results here.")
+_DYNAMIC_UNROLL = flags.DEFINE_bool(
+    "dynamic_unroll", False,
+    "Time hk.dynamic_unroll(core, ...) instead of core.unroll (to measure what "
+    "the hoisted input projections of `unroll` are worth).")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,8 +144,12 @@ def time_core(core_name: str, core_kwargs: dict, c: BenchConfig,
 
   def loss_fn(inputs_TBD):
     core = make_core(core_name, **core_kwargs)
-    extra = {"remat": True} if remat and core_name == "rmc" else {}
-    outputs, _ = core.unroll(inputs_TBD, core.initial_state(c.batch), **extra)
+    state = core.initial_state(c.batch)
+    if _DYNAMIC_UNROLL.value:
+      outputs, _ = hk.dynamic_unroll(core, inputs_TBD, state)
+    else:
+      extra = {"remat": True} if remat and core_name == "rmc" else {}
+      outputs, _ = core.unroll(inputs_TBD, state, **extra)
     return jnp.mean(jnp.square(outputs))
 
   model = hk.without_apply_rng(hk.transform(loss_fn))
@@ -177,7 +185,8 @@ def main(argv):
   peak = measure_matmul_peak()
   print(f"device: {jax.devices()[0].device_kind} ({platform.processor() or platform.machine()}), "
         f"jax {jax.__version__}")
-  print(f"measured float32 matmul peak: {peak / 1e9:.1f} GFLOP/s\n")
+  print(f"measured float32 matmul peak: {peak / 1e9:.1f} GFLOP/s; timing "
+        f"{'hk.dynamic_unroll' if _DYNAMIC_UNROLL.value else 'core.unroll'}\n")
   header = (f"{'config':6} {'core':5} {'params':>11} {'tokens/s':>10} "
             f"{'GFLOP/token':>11} {'GFLOP/s':>8} {'% peak':>7}")
   print(header)

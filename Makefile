@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 WORKDIR ?= workdirs/demo
 
-.PHONY: install test demo benchmark clean
+.PHONY: install test demo benchmark results clean
 
 install: $(STAMP)
 
@@ -27,6 +27,11 @@ demo: $(STAMP)
 	$(NTH) --config.core=lstm --workdir=$(WORKDIR)/lstm
 	$(PY) -m launch.plot --workdirs=$(WORKDIR)/rmc,$(WORKDIR)/lstm \
 	    --out=$(WORKDIR)/nth_farthest.png
+
+# Regenerates docs/results.md and its figures from the run workdirs named in
+# docs/results_manifest.json (the page lists the command that made each run).
+results: $(STAMP)
+	$(PY) -m launch.report --manifest=docs/results_manifest.json --out=docs/results.md
 
 benchmark: $(STAMP)
 	$(PY) -m benchmarks.core_throughput

@@ -10,43 +10,19 @@ training speed (evaluation and checkpoints included) from `summary.json`.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
 from absl import app
 from absl import flags
 
-from rmc_jax.training.metrics import read_jsonl
+from rmc_jax.training.metrics import load_run, series
 
 _WORKDIRS = flags.DEFINE_list("workdirs", None, "Run directories to compare.",
                               required=True)
 _OUT = flags.DEFINE_string("out", None, "PNG file to write (optional).")
 _METRIC = flags.DEFINE_string("metric", "accuracy",
                               "Metric on the y axis of the first panel.")
-
-
-def load_run(workdir: str) -> dict:
-  """Reads a workdir's metrics.jsonl, summary.json and config.json."""
-  metrics_path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(metrics_path):
-    raise FileNotFoundError(f"{metrics_path}: no metrics (is this a workdir?)")
-  run = {"name": os.path.basename(os.path.normpath(workdir)),
-         "rows": read_jsonl(metrics_path), "summary": {}, "config": {}}
-  for key in ("summary", "config"):
-    path = os.path.join(workdir, f"{key}.json")
-    if os.path.exists(path):
-      with open(path, encoding="utf-8") as f:
-        run[key] = json.load(f)
-  return run
-
-
-def series(run: dict, split: str, metric: str) -> tuple[list[int], list[float]]:
-  """(steps, values) of `metric` in `split`, the last value kept per step."""
-  points = {r["step"]: r[metric] for r in run["rows"]
-            if r["split"] == split and isinstance(r.get(metric), (int, float))}
-  steps = sorted(points)
-  return steps, [points[s] for s in steps]
 
 
 def table(runs: list[dict], metric: str) -> str:

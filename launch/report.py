@@ -44,7 +44,6 @@ they name an existing .md file.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -53,10 +52,11 @@ import sys
 import textwrap
 from typing import Any, Callable
 
-# Importing launch.plot defines its absl flags (a required --workdirs, --out)
-# in the global flag registry, so this CLI parses its own flags with argparse.
-from launch.plot import load_run
-from launch.plot import series
+from absl import app
+from absl import flags
+
+from rmc_jax.training.metrics import load_run
+from rmc_jax.training.metrics import series
 
 DPI = 90
 MAX_PNG_BYTES = 200_000
@@ -836,17 +836,19 @@ def build_report(manifest: dict, out: str, base_dir: str = "."
   return text, ctx.figures
 
 
-def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(
-      prog="python -m launch.report",
-      description="Renders a results page (markdown + PNGs) from run workdirs.")
-  parser.add_argument("--manifest", required=True,
-                      help="JSON manifest (see the module docstring).")
-  parser.add_argument("--out", default="docs/results.md",
-                      help="Markdown page to write; figures go next to it.")
-  args = parser.parse_args(argv)
+_MANIFEST = flags.DEFINE_string("manifest", None,
+                                "JSON manifest (see the module docstring).")
+_OUT = flags.DEFINE_string("out", "docs/results.md",
+                           "Markdown page to write; figures go next to it.")
+
+
+def main(argv: list[str]) -> int:
+  del argv
+  if not _MANIFEST.value:
+    print("error: --manifest is required", file=sys.stderr)
+    return 2
   try:
-    with open(args.manifest, encoding="utf-8") as f:
+    with open(_MANIFEST.value, encoding="utf-8") as f:
       manifest = json.load(f)
   except (OSError, json.JSONDecodeError) as e:
     print(f"error: --manifest: {e}", file=sys.stderr)
@@ -854,13 +856,13 @@ def main(argv: list[str] | None = None) -> int:
   if not isinstance(manifest, dict):
     print("error: --manifest: expected a JSON object", file=sys.stderr)
     return 2
-  base_dir = os.path.dirname(os.path.abspath(args.manifest))
-  _, figures = build_report(manifest, args.out, base_dir)
-  print(f"wrote {args.out}")
+  base_dir = os.path.dirname(os.path.abspath(_MANIFEST.value))
+  _, figures = build_report(manifest, _OUT.value, base_dir)
+  print(f"wrote {_OUT.value}")
   for path in figures:
     print(f"wrote {path} ({os.path.getsize(path) / 1000:.0f} kB)")
   return 0
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  app.run(lambda argv: sys.exit(main(argv)))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 
 import numpy as np
@@ -98,7 +99,11 @@ def rendered(tmp_path_factory):
   manifest_path = tmp / "manifest.json"
   manifest_path.write_text(json.dumps(manifest))
   out = tmp / "docs" / "results.md"
-  assert report.main([f"--manifest={manifest_path}", f"--out={out}"]) == 0
+  result = subprocess.run(
+      [sys.executable, "-m", "launch.report", f"--manifest={manifest_path}",
+       f"--out={out}"], cwd=REPO_ROOT, capture_output=True, text=True,
+      check=False)
+  assert result.returncode == 0, result.stderr[-2000:]
   return out, out.read_text()
 
 
@@ -171,10 +176,13 @@ def test_mean_return_weights_windows_by_episodes():
   assert report.mean_return(run, last=1) == pytest.approx(3.0)
 
 
-def test_bad_manifest_exits_with_code_2(tmp_path, capsys):
-  assert report.main([f"--manifest={tmp_path / 'none.json'}",
-                      f"--out={tmp_path / 'r.md'}"]) == 2
-  assert "--manifest" in capsys.readouterr().err
+def test_bad_manifest_exits_with_code_2(tmp_path):
+  result = subprocess.run(
+      [sys.executable, "-m", "launch.report",
+       f"--manifest={tmp_path / 'none.json'}", f"--out={tmp_path / 'r.md'}"],
+      cwd=REPO_ROOT, capture_output=True, text=True, check=False)
+  assert result.returncode == 2
+  assert "--manifest" in result.stderr.splitlines()[-1]
 
 
 def test_runs_without_points_give_no_figure(tmp_path):

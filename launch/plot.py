@@ -23,17 +23,20 @@ _WORKDIRS = flags.DEFINE_list("workdirs", None, "Run directories to compare.",
 _OUT = flags.DEFINE_string("out", None, "PNG file to write (optional).")
 _METRIC = flags.DEFINE_string("metric", "accuracy",
                               "Metric on the y axis of the first panel.")
+_SPLIT = flags.DEFINE_enum("split", "eval", ["eval", "train", "test"],
+                           "Split of the first panel's metric (RL logs its "
+                           "episode_return under train).")
 
 
-def table(runs: list[dict], metric: str) -> str:
+def table(runs: list[dict], metric: str, split: str = "eval") -> str:
   """A fixed-width text table of the runs' final numbers."""
   header = (f"{'run':16} {'core':5} {'params':>10} {'steps':>6} "
-            f"{'eval ' + metric:>14} {'eval loss':>10} {'steps/s':>8}")
+            f"{split + ' ' + metric:>14} {split + ' loss':>10} {'steps/s':>8}")
   lines = [header, "-" * len(header)]
   for run in runs:
     s = run["summary"]
-    ev = s.get("eval") or {}
-    _, values = series(run, "eval", metric)
+    ev = s.get(split) or {}
+    _, values = series(run, split, metric)
     final = ev.get(metric, values[-1] if values else float("nan"))
     lines.append(
         f"{run['name'][:16]:16} {str(s.get('core', '?')):5} "
@@ -43,18 +46,18 @@ def table(runs: list[dict], metric: str) -> str:
   return "\n".join(lines)
 
 
-def plot(runs: list[dict], out: str, metric: str) -> None:
-  """Writes eval `metric` and train loss against steps, one line per run."""
+def plot(runs: list[dict], out: str, metric: str, split: str = "eval") -> None:
+  """Writes `split` `metric` and train loss against steps, one line per run."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
   fig, (ax_metric, ax_loss) = plt.subplots(1, 2, figsize=(10, 3.8), dpi=100)
   for run in runs:
-    ax_metric.plot(*series(run, "eval", metric), marker=".", label=run["name"])
+    ax_metric.plot(*series(run, split, metric), marker=".", label=run["name"])
     ax_loss.plot(*series(run, "train", "loss"), label=run["name"])
-  ax_metric.set(xlabel="step", ylabel=f"held-out {metric}",
-                title=f"held-out {metric}")
+  label = f"held-out {metric}" if split == "eval" else f"{split} {metric}"
+  ax_metric.set(xlabel="step", ylabel=label, title=label)
   ax_loss.set(xlabel="step", ylabel="training loss", title="training loss")
   for ax in (ax_metric, ax_loss):
     ax.grid(alpha=0.3)
@@ -72,9 +75,9 @@ def main(argv):
   except FileNotFoundError as e:
     print(f"error: --workdirs: {e}", file=sys.stderr)
     sys.exit(2)
-  print(table(runs, _METRIC.value))
+  print(table(runs, _METRIC.value, _SPLIT.value))
   if _OUT.value:
-    plot(runs, _OUT.value, _METRIC.value)
+    plot(runs, _OUT.value, _METRIC.value, _SPLIT.value)
     print(f"\nlearning curves written to {_OUT.value}")
 
 

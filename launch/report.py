@@ -32,7 +32,8 @@ or from the current directory when nothing is there.
 Every section also takes "command", "notes" (the "where we disagree with the
 paper and why" sentence), "title", "description", "machine" and "date" (which
 override the top-level ones). Any other key starting with "lm_" is rendered
-like the LM sections. In "learn_to_execute" the task of a run is its
+like the LM sections, and any other key starting with "rl_" like "rl". In
+"learn_to_execute" the task of a run is its
 config.json `task` (else the label's part before "/"). In "rl" a run whose
 config has `random_policy` (or whose label contains "random") is drawn as a
 horizontal line at its mean return. In "attention", "example" picks an index
@@ -557,7 +558,7 @@ def mean_return(run: dict, last: int | None = None) -> float | None:
 RL_LAST_WINDOWS = 10
 
 
-def render_rl(ctx: Context, spec: dict) -> str:
+def render_rl(ctx: Context, spec: dict, key: str = "rl") -> str:
   title = spec.get("title") or DEFAULT_TITLES["rl"]
   runs, missing = load_runs(spec.get("runs"), ctx.base_dir)
   parts = [f"## {title}", spec.get("description", ""),
@@ -594,7 +595,7 @@ def render_rl(ctx: Context, spec: dict) -> str:
            + (f"\n(running mean of {width} windows)" if width > 1 else ""),
            title)
     fig.tight_layout()
-    figure = ctx.save(fig, "rl", title, drawn)
+    figure = ctx.save(fig, key, title, drawn)
     rows, settings = [], {}
     for run in runs:
       cfg = run["config"]
@@ -807,9 +808,11 @@ def build_report(manifest: dict, out: str, base_dir: str = "."
   ctx = Context(manifest, out, base_dir)
   sections = list(SECTIONS)
   known = {key for key, _ in sections}
-  for key in manifest:  # Further LM sections, e.g. lm_wikitext103.
+  for key in manifest:  # Further LM or RL sections, e.g. lm_wikitext103.
     if key.startswith("lm_") and key not in known:
       sections.insert(-2, (key, lambda c, s, k=key: render_lm(c, k, s)))
+    elif key.startswith("rl_") and key not in known:
+      sections.insert(-1, (key, lambda c, s, k=key: render_rl(c, s, k)))
   body, skipped = [], []
   for key, render in sections:
     spec = manifest.get(key)

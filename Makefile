@@ -25,6 +25,9 @@ NTH := $(PY) -m launch.train_nth_farthest --config=launch/configs/nth_farthest.p
 demo: $(STAMP)
 	$(NTH) --config.core=rmc --workdir=$(WORKDIR)/rmc
 	$(NTH) --config.core=lstm --workdir=$(WORKDIR)/lstm
+	@echo
+	@echo "Nth farthest, 3 objects x 2 features, same budget for both cores."
+	@echo "Guessing without relational reasoning plateaus at 66.7% held-out accuracy."
 	$(PY) -m launch.plot --workdirs=$(WORKDIR)/rmc,$(WORKDIR)/lstm \
 	    --out=$(WORKDIR)/nth_farthest.png
 

@@ -29,34 +29,21 @@ from rmc_jax.tasks import nth_farthest
 from rmc_jax.training import config as config_lib
 from rmc_jax.training.checkpoint import Checkpointer
 from rmc_jax.training.loop import TrainState
+from tests.helpers import TINY_NTH_FLAGS, subprocess_env
 
 NUM_STEPS = 4
-TINY_FLAGS = (
-    "--config.batch_size=16",
-    "--config.num_objects=3",
-    "--config.num_features=2",
-    "--config.mlp_sizes=(16,)",
-    "--config.rmc.mem_slots=2",
-    "--config.rmc.head_size=8",
-    "--config.rmc.num_heads=2",
-    "--config.eval_batches=1",
-    "--config.eval_batch_size=16",
-)
 RUN_FLAGS = (
     f"--config.num_steps={NUM_STEPS}",
     "--config.log_every=2",
     "--config.eval_every=2",
     "--config.checkpoint_every=2",
-    *TINY_FLAGS,
+    *TINY_NTH_FLAGS,
 )
 
 
 def launch(workdir: str, *flags: str, num_devices: int | None = None,
            timeout: float = 300) -> subprocess.CompletedProcess:
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  if num_devices is not None:
-    flag = f"--xla_force_host_platform_device_count={num_devices}"
-    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {flag}"
+  env = subprocess_env(num_devices)
   cmd = [sys.executable, "-m", "launch.train_nth_farthest",
          "--config=launch/configs/nth_farthest.py:cpu", f"--workdir={workdir}",
          *flags]

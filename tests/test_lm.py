@@ -50,6 +50,7 @@ from rmc_jax.training import loop
 from rmc_jax.training import metrics as metrics_lib
 from rmc_jax.training.checkpoint import Checkpointer
 from rmc_jax.training.mesh import DataMesh
+from tests.helpers import subprocess_env
 
 # A small synthetic source: 16 words, bigram (order 1), 2 successors per
 # context. Its entropy rate is about 0.522 nats/token.
@@ -143,14 +144,6 @@ def restore_state(workdir: str, setup: lm_task.LMSetup, config, step: int):
 def rows(workdir: str, split: str) -> list[dict]:
   return [r for r in metrics_lib.read_jsonl(
       os.path.join(workdir, "metrics.jsonl")) if r["split"] == split]
-
-
-def subprocess_env(num_devices: int | None = None) -> dict:
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  if num_devices is not None:
-    flag = f"--xla_force_host_platform_device_count={num_devices}"
-    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {flag}"
-  return env
 
 
 # -- 1, 2. Carried state and reset flags ---------------------------------------

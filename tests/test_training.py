@@ -40,20 +40,7 @@ from rmc_jax.training import loop
 from rmc_jax.training import metrics as metrics_lib
 from rmc_jax.training.checkpoint import Checkpointer
 from rmc_jax.training.mesh import DataMesh
-
-# Small-RMC overrides, as flags for the launcher and as values for configs.
-TINY_FLAGS = (
-    "--config.batch_size=16",
-    "--config.num_objects=3",
-    "--config.num_features=2",
-    "--config.mlp_sizes=(16,)",
-    "--config.rmc.mem_slots=2",
-    "--config.rmc.head_size=8",
-    "--config.rmc.num_heads=2",
-    "--config.eval_batches=1",
-    "--config.eval_batch_size=16",
-)
-
+from tests.helpers import TINY_NTH_FLAGS, subprocess_env
 
 def tiny_config(core: str = "rmc", **overrides):
   """The launcher's `cpu` variant shrunk to a model that compiles quickly."""
@@ -72,14 +59,6 @@ def tiny_config(core: str = "rmc", **overrides):
   c.checkpoint_every = 1000
   c.update(overrides)
   return c
-
-
-def subprocess_env(num_devices: int | None = None) -> dict:
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  if num_devices is not None:
-    flag = f"--xla_force_host_platform_device_count={num_devices}"
-    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {flag}"
-  return env
 
 
 def restore_checkpoint(workdir: str, config, step: int | None = None):
@@ -396,7 +375,7 @@ def test_sigterm_saves_a_restorable_checkpoint(tmp_path):
          "--config=launch/configs/nth_farthest.py:cpu", f"--workdir={workdir}",
          "--config.num_steps=100000", "--config.log_every=2",
          "--config.eval_every=100000", "--config.checkpoint_every=100000",
-         *TINY_FLAGS]
+         *TINY_NTH_FLAGS]
   with open(tmp_path / "stderr.txt", "w+", encoding="utf-8") as stderr:
     proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=subprocess_env(),
                             stdout=subprocess.DEVNULL, stderr=stderr)

@@ -103,26 +103,34 @@ class _AttentionBlock(hk.Module):
     self._attention_layer_norm = ln("attention_layer_norm")
     self._mlp_layer_norm = ln("mlp_layer_norm")
 
-  def __call__(self, z_BRF: jax.Array,
-               mlp: hk.Module) -> tuple[jax.Array, jax.Array]:
-    """Returns the updated rows [B, R, F] and attention weights [B, H, R, R]."""
+  def __call__(self, z_BRF: jax.Array, mlp: hk.Module,
+               num_queries: int | None = None) -> tuple[jax.Array, jax.Array]:
+    """Returns the updated rows [B, R, F] and attention weights [B, H, Q, R].
+
+    With `num_queries` = Q, only the first Q rows (the memory) query and are
+    updated; the others (the input rows) are keys and values only and come
+    back unchanged (the paper's eq. 2). By default every row queries (Q = R).
+    """
     b, r, f = z_BRF.shape
+    q = r if num_queries is None else num_queries
     h, dk, dv = self._num_heads, self._key_size, self._head_size
     qkv = _layer_norm(self._qkv_layer_norm, self._qkv(z_BRF))
     # Per head, the qkv columns are contiguous: [q (d_k) | k (d_k) | v (d_v)].
     qkv_BRHQ = qkv.reshape(b, r, h, 2 * dk + dv)
-    q_BRHK = qkv_BRHQ[..., :dk] * jnp.asarray(self._scale, qkv.dtype)
+    q_BQHK = qkv_BRHQ[:, :q, :, :dk] * jnp.asarray(self._scale, qkv.dtype)
     k_BRHK = qkv_BRHQ[..., dk:2 * dk]
     v_BRHV = qkv_BRHQ[..., 2 * dk:]
-    logits_BHRR = jnp.einsum("bqhk,bshk->bhqs", q_BRHK, k_BRHK,
+    logits_BHQR = jnp.einsum("bqhk,bshk->bhqs", q_BQHK, k_BRHK,
                              preferred_element_type=jnp.float32)
-    weights_BHRR = jax.nn.softmax(logits_BHRR, axis=-1)
-    attended_BRHV = jnp.einsum("bhqs,bshv->bqhv",
-                               weights_BHRR.astype(v_BRHV.dtype), v_BRHV)
-    attended_BRF = attended_BRHV.reshape(b, r, f)
-    z_BRF = _layer_norm(self._attention_layer_norm, z_BRF + attended_BRF)
-    z_BRF = _layer_norm(self._mlp_layer_norm, mlp(z_BRF) + z_BRF)
-    return z_BRF, weights_BHRR
+    weights_BHQR = jax.nn.softmax(logits_BHQR, axis=-1)
+    attended_BQHV = jnp.einsum("bhqs,bshv->bqhv",
+                               weights_BHQR.astype(v_BRHV.dtype), v_BRHV)
+    attended_BQF = attended_BQHV.reshape(b, q, f)
+    z_BQF = _layer_norm(self._attention_layer_norm, z_BRF[:, :q] + attended_BQF)
+    z_BQF = _layer_norm(self._mlp_layer_norm, mlp(z_BQF) + z_BQF)
+    if q == r:
+      return z_BQF, weights_BHQR
+    return jnp.concatenate([z_BQF, z_BRF[:, q:]], axis=1), weights_BHQR
 
 
 class RelationalMemory(hk.RNNCore):
@@ -164,6 +172,7 @@ class RelationalMemory(hk.RNNCore):
       name: str | None = "relational_memory",
       *,
       legacy_attention_scale: bool = False,
+      paper_variant: bool = False,
       compute_dtype: Any = jnp.float32,
   ):
     """Constructs the core.
@@ -182,6 +191,11 @@ class RelationalMemory(hk.RNNCore):
       name: module name.
       legacy_attention_scale: scale queries by (2*d_k+d_v)**-0.5, as Sonnet
         did before 2018-11-20, instead of d_k**-0.5.
+      paper_variant: the paper's formulation instead of Sonnet's: only the
+        memory rows query (eq. 2; the input rows stay the projected input in
+        every block, as keys and values), and the gated update has no tanh
+        on the attended memory (eq. 7). Attention weights are then
+        [B, K, H, N, N+n].
       compute_dtype: dtype of the matmuls (e.g. jnp.bfloat16 on accelerators).
         Parameters and the memory state stay float32; LayerNorm and softmax
         always run in float32.
@@ -220,6 +234,7 @@ class RelationalMemory(hk.RNNCore):
     self.input_bias = float(input_bias)
     self.attention_mlp_layers = int(attention_mlp_layers)
     self.compute_dtype = jnp.dtype(compute_dtype)
+    self.paper_variant = bool(paper_variant)
     qkv_size = 2 * self.key_size + self.head_size
     scale = (qkv_size if legacy_attention_scale else self.key_size) ** -0.5
 
@@ -335,9 +350,10 @@ class RelationalMemory(hk.RNNCore):
     n_slots = self.mem_slots
     z_BRF = jnp.concatenate([memory_BNF.astype(cd), x_BnF.astype(cd)], axis=1)
     weights = []
+    num_queries = n_slots if self.paper_variant else None
     for block in self._blocks:
-      z_BRF, weights_BHRR = block(z_BRF, self._attention_mlp)
-      weights.append(weights_BHRR)
+      z_BRF, weights_BHQR = block(z_BRF, self._attention_mlp, num_queries)
+      weights.append(weights_BHQR)
     attended_BNF = z_BRF[:, :n_slots].astype(jnp.float32)
     attention_BKHRR = jnp.stack(weights, axis=1)
 
@@ -351,7 +367,8 @@ class RelationalMemory(hk.RNNCore):
       gi, gf = jnp.split(gates_BN2G, 2, axis=-1)
       input_gate = jax.nn.sigmoid(gi + self.input_bias)
       forget_gate = jax.nn.sigmoid(gf + self.forget_bias)
-      next_memory = input_gate * jnp.tanh(attended_BNF) + forget_gate * memory_BNF
+      candidate = attended_BNF if self.paper_variant else jnp.tanh(attended_BNF)
+      next_memory = input_gate * candidate + forget_gate * memory_BNF
     output = next_memory.reshape(next_memory.shape[0], -1)
     return output, next_memory, StepInfo(attention_BKHRR, input_gate,
                                          forget_gate)

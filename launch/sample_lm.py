@@ -15,8 +15,8 @@ import sys
 from absl import app
 from absl import flags
 import jax
-import ml_collections
 
+from launch.configs import lm as lm_configs
 from rmc_jax.lm import task as lm_task
 from rmc_jax.training.loop import restore_latest
 
@@ -33,8 +33,12 @@ def main(argv):
   path = os.path.join(_WORKDIR.value, "config.json")
   if not os.path.exists(path):
     sys.exit(f"error: --workdir: {path} not found (not a train_lm workdir?)")
+  # The saved values over the current defaults, so that a workdir written
+  # before a field existed still loads (every LM variant has the same fields).
+  config = lm_configs.get_config()
   with open(path, encoding="utf-8") as f:
-    config = ml_collections.ConfigDict(json.load(f))
+    saved = json.load(f)
+  config.update(saved)
   if _LENGTH.value < 1 or _TEMPERATURE.value <= 0 or _TOP_K.value < 0:
     sys.exit("error: --length must be >= 1, --temperature > 0, --top_k >= 0.")
   setup = lm_task.make_setup(config)

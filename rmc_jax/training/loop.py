@@ -243,8 +243,13 @@ def restore_latest(task: Task, config: ml_collections.ConfigDict,
     if step is None:
       raise FileNotFoundError(f"no checkpoint in {ckpt.directory}")
     example = next(task.train_iterator)
-    target = _init_state(task, config, optimizer, mesh, example)
-    target = jax.device_put(target, _state_shardings(target, mesh))
+    # Only shapes are needed: trace the init, don't run it.
+    shapes = jax.eval_shape(
+        lambda: _init_state(task, config, optimizer, mesh, example))
+    target = jax.tree.map(
+        lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype,
+                                                 sharding=sharding),
+        shapes, _state_shardings(shapes, mesh))
     state, _, _ = ckpt.restore(step, target=target)
   return state, step
 

@@ -11,7 +11,8 @@ import jax.numpy as jnp
 
 from rmc_jax.cores.dnc import DNC, DNCState
 from rmc_jax.cores.lstm import LSTMStack
-from rmc_jax.cores.relational_memory import RelationalMemory, StepInfo
+from rmc_jax.cores.relational_memory import RelationalMemory
+from rmc_jax.cores.relational_memory_step import StepInfo
 
 CORES: dict[str, Callable[..., hk.RNNCore]] = {
     "rmc": RelationalMemory,

@@ -25,112 +25,88 @@ d_k = key_size (default head_size) and n input rows (1 unless
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple
+from typing import Any
 
 import haiku as hk
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rmc_jax.cores import relational_memory_unroll
+from rmc_jax.cores.relational_memory_step import cast_weights
+from rmc_jax.cores.relational_memory_step import Dense
+from rmc_jax.cores.relational_memory_step import Norm
+from rmc_jax.cores.relational_memory_step import step
+from rmc_jax.cores.relational_memory_step import StepConfig
+from rmc_jax.cores.relational_memory_step import StepInfo
+from rmc_jax.cores.relational_memory_step import Weights
+
 _GATE_STYLES = ("unit", "memory", None)
-_LAYER_NORM_EPS = 1e-5  # Sonnet v1's snt.LayerNorm default.
-
-
-class StepInfo(NamedTuple):
-  """Per-step internals, for analysis and plots.
-
-  Attributes:
-    attention_weights: [B, num_blocks, H, N+n, N+n] softmax weights of every
-      block; rows are queries, columns keys; the first N rows/columns are the
-      memory slots and the last n the input rows.
-    input_gate: [B, N, G] after the sigmoid (G = F for 'unit', 1 for
-      'memory'); None when gate_style is None.
-    forget_gate: like input_gate.
-  """
-
-  attention_weights: jax.Array
-  input_gate: jax.Array | None
-  forget_gate: jax.Array | None
 
 
 class _Dense(hk.Module):
-  """Affine map over the last axis with Sonnet v1's initialisation.
+  """Parameters of an affine map, with Sonnet v1's initialisation.
 
-  Weights are truncated normal with stddev 1/sqrt(fan_in), biases zero. The
-  parameters are stored in `param_dtype`; the product runs in `compute_dtype`.
+  Weights are truncated normal with stddev 1/sqrt(fan_in), biases zero, both
+  float32.
   """
 
-  def __init__(self, output_size: int, compute_dtype: Any, name: str):
+  def __init__(self, output_size: int, name: str):
     super().__init__(name=name)
     self._output_size = output_size
-    self._compute_dtype = compute_dtype
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    fan_in = x.shape[-1]
+  def params(self, fan_in: int) -> Dense:
     w = hk.get_parameter(
         "w", [fan_in, self._output_size], jnp.float32,
         init=hk.initializers.TruncatedNormal(stddev=1.0 / math.sqrt(fan_in)))
     b = hk.get_parameter("b", [self._output_size], jnp.float32,
                          init=jnp.zeros)
-    cd = self._compute_dtype
-    return jnp.dot(x.astype(cd), w.astype(cd)) + b.astype(cd)
+    return w, b
 
 
-def _layer_norm(module: hk.LayerNorm, x: jax.Array) -> jax.Array:
-  """Applies a LayerNorm in float32 whatever the compute dtype."""
-  return module(x.astype(jnp.float32)).astype(x.dtype)
+class _LayerNorm(hk.Module):
+  """Parameters of a LayerNorm over the last axis (scale 1, offset 0)."""
+
+  def params(self, size: int) -> Norm:
+    scale = hk.get_parameter("scale", [size], jnp.float32, init=jnp.ones)
+    offset = hk.get_parameter("offset", [size], jnp.float32, init=jnp.zeros)
+    return scale, offset
 
 
-class _AttentionBlock(hk.Module):
-  """One block of multi-head attention over memory and input rows.
+class _Block(hk.Module):
+  """Parameters of one attention block: its qkv Linear and three LayerNorms."""
 
-  Owns the block's qkv projection and its three LayerNorms; the MLP is passed
-  in because Sonnet shares it across blocks.
-  """
-
-  def __init__(self, num_heads: int, head_size: int, key_size: int,
-               scale: float, compute_dtype: Any, name: str):
+  def __init__(self, qkv_size: int, name: str):
     super().__init__(name=name)
-    self._num_heads = num_heads
-    self._head_size = head_size
-    self._key_size = key_size
-    self._scale = scale
-    self._qkv = _Dense(num_heads * (2 * key_size + head_size), compute_dtype,
-                       name="qkv")
-    ln = lambda n: hk.LayerNorm(axis=-1, create_scale=True, create_offset=True,
-                                eps=_LAYER_NORM_EPS, name=n)
-    self._qkv_layer_norm = ln("qkv_layer_norm")
-    self._attention_layer_norm = ln("attention_layer_norm")
-    self._mlp_layer_norm = ln("mlp_layer_norm")
+    self._qkv_size = qkv_size
+    self._qkv = _Dense(qkv_size, name="qkv")
+    self._qkv_layer_norm = _LayerNorm(name="qkv_layer_norm")
+    self._attention_layer_norm = _LayerNorm(name="attention_layer_norm")
+    self._mlp_layer_norm = _LayerNorm(name="mlp_layer_norm")
 
-  def __call__(self, z_BRF: jax.Array, mlp: hk.Module,
-               num_queries: int | None = None) -> tuple[jax.Array, jax.Array]:
-    """Returns the updated rows [B, R, F] and attention weights [B, H, Q, R].
+  def params(self, size: int) -> tuple[Dense, Norm, Norm, Norm]:
+    return (self._qkv.params(size),
+            self._qkv_layer_norm.params(self._qkv_size),
+            self._attention_layer_norm.params(size),
+            self._mlp_layer_norm.params(size))
 
-    With `num_queries` = Q, only the first Q rows (the memory) query and are
-    updated; the others (the input rows) are keys and values only and come
-    back unchanged (the paper's eq. 2). By default every row queries (Q = R).
-    """
-    b, r, f = z_BRF.shape
-    q = r if num_queries is None else num_queries
-    h, dk, dv = self._num_heads, self._key_size, self._head_size
-    qkv = _layer_norm(self._qkv_layer_norm, self._qkv(z_BRF))
-    # Per head, the qkv columns are contiguous: [q (d_k) | k (d_k) | v (d_v)].
-    qkv_BRHQ = qkv.reshape(b, r, h, 2 * dk + dv)
-    q_BQHK = qkv_BRHQ[:, :q, :, :dk] * jnp.asarray(self._scale, qkv.dtype)
-    k_BRHK = qkv_BRHQ[..., dk:2 * dk]
-    v_BRHV = qkv_BRHQ[..., 2 * dk:]
-    logits_BHQR = jnp.einsum("bqhk,bshk->bhqs", q_BQHK, k_BRHK,
-                             preferred_element_type=jnp.float32)
-    weights_BHQR = jax.nn.softmax(logits_BHQR, axis=-1)
-    attended_BQHV = jnp.einsum("bhqs,bshv->bqhv",
-                               weights_BHQR.astype(v_BRHV.dtype), v_BRHV)
-    attended_BQF = attended_BQHV.reshape(b, q, f)
-    z_BQF = _layer_norm(self._attention_layer_norm, z_BRF[:, :q] + attended_BQF)
-    z_BQF = _layer_norm(self._mlp_layer_norm, mlp(z_BQF) + z_BQF)
-    if q == r:
-      return z_BQF, weights_BHQR
-    return jnp.concatenate([z_BQF, z_BRF[:, q:]], axis=1), weights_BHQR
+
+class _RowMLP(hk.Module):
+  """Parameters of the row-wise MLP: `num_layers` Linears of width `size`."""
+
+  def __init__(self, size: int, num_layers: int, name: str):
+    super().__init__(name=name)
+    self._size = size
+    self._layers = [_Dense(size, name=f"linear_{i}") for i in range(num_layers)]
+
+  def params(self) -> tuple[Dense, ...]:
+    return tuple(layer.params(self._size) for layer in self._layers)
+
+
+def _apply_dense(dense: Dense, x: jax.Array, compute_dtype: Any) -> jax.Array:
+  w, b = dense
+  return (jnp.dot(x.astype(compute_dtype), w.astype(compute_dtype))
+          + b.astype(compute_dtype))
 
 
 class RelationalMemory(hk.RNNCore):
@@ -237,19 +213,25 @@ class RelationalMemory(hk.RNNCore):
     self.paper_variant = bool(paper_variant)
     qkv_size = 2 * self.key_size + self.head_size
     scale = (qkv_size if legacy_attention_scale else self.key_size) ** -0.5
+    self._step_config = StepConfig(
+        mem_slots=self.mem_slots, num_heads=self.num_heads,
+        head_size=self.head_size, key_size=self.key_size,
+        num_blocks=self.num_blocks, mlp_layers=self.attention_mlp_layers,
+        gate_style=gate_style, input_bias=self.input_bias,
+        forget_bias=self.forget_bias, attention_scale=scale,
+        paper_variant=self.paper_variant,
+        compute_dtype=self.compute_dtype.name)
 
-    f, cd = self.mem_size, self.compute_dtype
-    self._input_projection = _Dense(f, cd, name="input_projection")
-    self._blocks = [
-        _AttentionBlock(self.num_heads, self.head_size, self.key_size, scale,
-                        cd, name=f"block_{k}") for k in range(self.num_blocks)
-    ]
-    self._attention_mlp = _RowMLP(f, self.attention_mlp_layers, cd,
+    f = self.mem_size
+    self._input_projection = _Dense(f, name="input_projection")
+    self._blocks = [_Block(self.num_heads * qkv_size, name=f"block_{k}")
+                    for k in range(self.num_blocks)]
+    self._attention_mlp = _RowMLP(f, self.attention_mlp_layers,
                                   name="attention_mlp")
     if gate_style is not None:
       gate_size = f if gate_style == "unit" else 1
-      self._input_to_gates = _Dense(2 * gate_size, cd, name="input_to_gates")
-      self._memory_to_gates = _Dense(2 * gate_size, cd, name="memory_to_gates")
+      self._input_to_gates = _Dense(2 * gate_size, name="input_to_gates")
+      self._memory_to_gates = _Dense(2 * gate_size, name="memory_to_gates")
 
   # -- State ---------------------------------------------------------------
 
@@ -290,7 +272,10 @@ class RelationalMemory(hk.RNNCore):
     """Like `__call__`, and also returns the step's `StepInfo`."""
     x_BnF, gates_in_B2G = self._project_inputs(
         _input_rows(inputs, treat_input_as_matrix, batch_dims=1))
-    return self._recurrent_step(x_BnF, gates_in_B2G, prev_state)
+    weights = cast_weights(self._weights(), self.compute_dtype)
+    memory_BNF, info, _, _ = step(self._step_config, weights, prev_state,
+                                  x_BnF, gates_in_B2G)
+    return memory_BNF.reshape(memory_BNF.shape[0], -1), memory_BNF, info
 
   # -- Unroll ----------------------------------------------------------------
 
@@ -299,18 +284,22 @@ class RelationalMemory(hk.RNNCore):
              return_info: bool = False):
     """Runs the core over time; equals `hk.dynamic_unroll(core, inputs, state)`.
 
-    Everything that depends only on the inputs (the input projection and its
-    gate contribution) is computed for all steps in one batched matmul before
-    the scan.
+    The fast path for training. Everything that depends only on the inputs
+    (the input projection and its gate contribution) is computed for all
+    steps in one batched matmul before the scan, and the scan has a custom
+    VJP (`relational_memory_unroll`): its reverse pass propagates activation
+    gradients only and the weight gradients of the layers inside the
+    recurrence are single matmuls over all steps after it.
 
     Args:
       inputs: time-major [T, B, ...] (or [T, B, n, ...] with
         treat_input_as_matrix).
       state: memory [B, N, F] at the first step.
       treat_input_as_matrix: as in `__call__`.
-      remat: recompute each step's activations in the backward pass instead
-        of storing them (less memory for long unrolls, about 1/3 more FLOPs).
-      return_info: also return the `StepInfo` of every step (time-major).
+      remat: recompute each step's forward in the backward pass instead of
+        storing its activations (less memory, one more forward pass).
+      return_info: also return the `StepInfo` of every step (time-major);
+        this path is differentiated by plain autodiff.
 
     Returns:
       (outputs [T, B, N*F], final memory [B, N, F]) and, if return_info, the
@@ -318,76 +307,51 @@ class RelationalMemory(hk.RNNCore):
     """
     x_TBnF, gates_in_TB2G = self._project_inputs(
         _input_rows(inputs, treat_input_as_matrix, batch_dims=2))
-
-    def step(memory_BNF, xs):
-      output, memory_BNF, info = self._recurrent_step(*xs, memory_BNF)
-      return memory_BNF, ((output, info) if return_info else output)
-
-    if remat:
-      step = hk.remat(step)
-    state, ys = hk.scan(step, state, (x_TBnF, gates_in_TB2G))
+    weights = self._weights()
     if return_info:
-      outputs, info = ys
-      return outputs, state, info
-    return ys, state
+      w = cast_weights(weights, self.compute_dtype)
+
+      def body(memory_BNF, xs):
+        memory_BNF, info, _, _ = step(self._step_config, w, memory_BNF, *xs)
+        return memory_BNF, (memory_BNF, info)
+
+      if remat:
+        body = jax.checkpoint(body)
+      _, (memories_TBNF, info) = jax.lax.scan(body, state,
+                                              (x_TBnF, gates_in_TB2G))
+    else:
+      memories_TBNF = relational_memory_unroll.unroll(
+          self._step_config, weights, x_TBnF, gates_in_TB2G, state,
+          recompute=remat)
+    outputs = memories_TBNF.reshape(*memories_TBNF.shape[:2], -1)
+    if return_info:
+      return outputs, memories_TBNF[-1], info
+    return outputs, memories_TBNF[-1]
 
   # -- Internals -------------------------------------------------------------
+
+  def _weights(self) -> Weights:
+    """Gets (creating at init) the parameters used inside the recurrence."""
+    f = self.mem_size
+    qkv, qkv_norm, attention_norm, mlp_norm = zip(
+        *[block.params(f) for block in self._blocks])
+    return Weights(
+        qkv=qkv, qkv_norm=qkv_norm, attention_norm=attention_norm,
+        mlp_norm=mlp_norm, mlp=self._attention_mlp.params(),
+        memory_to_gates=(None if self.gate_style is None
+                         else self._memory_to_gates.params(f)))
 
   def _project_inputs(self, rows: jax.Array
                       ) -> tuple[jax.Array, jax.Array | None]:
     """[..., n, D] input rows -> (x' [..., n, F], gate input [..., 2G])."""
-    x = self._input_projection(rows)
+    cd = self.compute_dtype
+    x = _apply_dense(self._input_projection.params(rows.shape[-1]), rows, cd)
     if self.gate_style is None:
       return x, None
-    gates_in = self._input_to_gates(x.reshape(*x.shape[:-2], -1))
+    x_flat = x.reshape(*x.shape[:-2], -1)
+    gates_in = _apply_dense(self._input_to_gates.params(x_flat.shape[-1]),
+                            x_flat, cd)
     return x, gates_in
-
-  def _recurrent_step(self, x_BnF: jax.Array, gates_in_B2G: jax.Array | None,
-                      memory_BNF: jax.Array
-                      ) -> tuple[jax.Array, jax.Array, StepInfo]:
-    """The part of a step that depends on the previous memory."""
-    cd = self.compute_dtype
-    n_slots = self.mem_slots
-    z_BRF = jnp.concatenate([memory_BNF.astype(cd), x_BnF.astype(cd)], axis=1)
-    weights = []
-    num_queries = n_slots if self.paper_variant else None
-    for block in self._blocks:
-      z_BRF, weights_BHQR = block(z_BRF, self._attention_mlp, num_queries)
-      weights.append(weights_BHQR)
-    attended_BNF = z_BRF[:, :n_slots].astype(jnp.float32)
-    attention_BKHRR = jnp.stack(weights, axis=1)
-
-    if self.gate_style is None:
-      next_memory = attended_BNF
-      input_gate = forget_gate = None
-    else:
-      gates_BN2G = (gates_in_B2G[:, None, :]
-                    + self._memory_to_gates(jnp.tanh(memory_BNF).astype(cd)))
-      gates_BN2G = gates_BN2G.astype(jnp.float32)
-      gi, gf = jnp.split(gates_BN2G, 2, axis=-1)
-      input_gate = jax.nn.sigmoid(gi + self.input_bias)
-      forget_gate = jax.nn.sigmoid(gf + self.forget_bias)
-      candidate = attended_BNF if self.paper_variant else jnp.tanh(attended_BNF)
-      next_memory = input_gate * candidate + forget_gate * memory_BNF
-    output = next_memory.reshape(next_memory.shape[0], -1)
-    return output, next_memory, StepInfo(attention_BKHRR, input_gate,
-                                         forget_gate)
-
-
-class _RowMLP(hk.Module):
-  """Row-wise MLP: `num_layers` Linears of width `size`, ReLU between them."""
-
-  def __init__(self, size: int, num_layers: int, compute_dtype: Any, name: str):
-    super().__init__(name=name)
-    self._layers = [_Dense(size, compute_dtype, name=f"linear_{i}")
-                    for i in range(num_layers)]
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    for i, layer in enumerate(self._layers):
-      if i:
-        x = jax.nn.relu(x)
-      x = layer(x)
-    return x
 
 
 def _input_rows(inputs: jax.Array, treat_input_as_matrix: bool,

@@ -1,0 +1,200 @@
+"""The recurrent part of one Relational Memory step, as a pure function.
+
+`RelationalMemory` gathers its parameters into `Weights` and calls `step`;
+every path (`__call__`, `unroll`, `unroll(return_info=True)`) runs this one
+implementation. `step` also serves the custom-VJP unroll
+(`relational_memory_unroll`): it can add zero "taps" to the output of every
+layer inside the recurrence (their cotangents are the layers' output
+gradients) and it returns every layer's input (the Linear's input, or the
+LayerNorm's normalised value), which is all the weight gradients need.
+
+Layer keys (the keys of `taps` and of the returned layer inputs):
+  qkv/{k}, qkv_norm/{k}, attention_norm/{k}, mlp_norm/{k}: block k's layers;
+  mlp/{k}/{i}: the shared MLP's layer i as applied in block k;
+  memory_to_gates: the memory half of the gates.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+LAYER_NORM_EPS = 1e-5  # Sonnet v1's snt.LayerNorm default.
+
+Dense = tuple[jax.Array, jax.Array]  # (w [in, out], b [out])
+Norm = tuple[jax.Array, jax.Array]   # (scale [size], offset [size])
+
+
+class StepConfig(NamedTuple):
+  """Static (hashable) description of the step."""
+  mem_slots: int
+  num_heads: int
+  head_size: int
+  key_size: int
+  num_blocks: int
+  mlp_layers: int
+  gate_style: str | None
+  input_bias: float
+  forget_bias: float
+  attention_scale: float
+  paper_variant: bool
+  compute_dtype: str
+
+
+class Weights(NamedTuple):
+  """The parameters used inside the recurrence.
+
+  Dense weights are in the compute dtype when passed to `step` (see
+  `cast_weights`); LayerNorm parameters always float32.
+  """
+  qkv: tuple[Dense, ...]             # per block
+  qkv_norm: tuple[Norm, ...]         # per block
+  attention_norm: tuple[Norm, ...]   # per block
+  mlp_norm: tuple[Norm, ...]         # per block
+  mlp: tuple[Dense, ...]             # per layer, shared by the blocks
+  memory_to_gates: Dense | None      # None when gate_style is None
+
+
+class StepInfo(NamedTuple):
+  """Per-step internals, for analysis and plots.
+
+  Attributes:
+    attention_weights: [B, num_blocks, H, Q, R] softmax weights of every
+      block; rows are queries, columns keys (R = N+n: the first N are the
+      memory slots and the last n the input rows; Q = R, or N with
+      paper_variant).
+    input_gate: [B, N, G] after the sigmoid (G = F for 'unit', 1 for
+      'memory'); None when gate_style is None.
+    forget_gate: like input_gate.
+  """
+
+  attention_weights: jax.Array
+  input_gate: jax.Array | None
+  forget_gate: jax.Array | None
+
+
+def cast_weights(weights: Weights, compute_dtype: Any) -> Weights:
+  """Casts the Dense weights to the compute dtype (LayerNorms stay float32)."""
+  cast = lambda dense: jax.tree.map(lambda a: a.astype(compute_dtype), dense)
+  return weights._replace(
+      qkv=cast(weights.qkv), mlp=cast(weights.mlp),
+      memory_to_gates=cast(weights.memory_to_gates))
+
+
+def _wide(dtype: Any) -> Any:
+  """float32 for narrower dtypes (bfloat16), else the dtype itself."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
+class _Tape:
+  """Applies layers, adding taps to their outputs and recording their inputs."""
+
+  def __init__(self, taps: dict[str, jax.Array] | None):
+    self.taps = taps
+    self.inputs: dict[str, jax.Array] = {}
+    self.outputs: dict[str, jax.Array] = {}
+
+  def _tap(self, key: str, y: jax.Array) -> jax.Array:
+    self.outputs[key] = y
+    return y if self.taps is None else y + self.taps[key]
+
+  def dense(self, key: str, x: jax.Array, dense: Dense) -> jax.Array:
+    w, b = dense
+    x = x.astype(w.dtype)
+    self.inputs[key] = x
+    return self._tap(key, jnp.dot(x, w) + b)
+
+  def layer_norm(self, key: str, x: jax.Array, norm: Norm) -> jax.Array:
+    """LayerNorm over the last axis, in float32 or wider; returns x's dtype."""
+    scale, offset = norm
+    wide = x.astype(_wide(x.dtype))
+    centred = wide - jnp.mean(wide, axis=-1, keepdims=True)
+    variance = jnp.mean(jnp.square(centred), axis=-1, keepdims=True)
+    normalised = centred * jax.lax.rsqrt(variance + LAYER_NORM_EPS)
+    self.inputs[key] = normalised
+    return self._tap(key, normalised * scale + offset).astype(x.dtype)
+
+
+def _attention_block(cfg: StepConfig, weights: Weights, tape: _Tape, k: int,
+                     z_BRF: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Block k: returns the updated rows [B, R, F] and weights [B, H, Q, R].
+
+  With paper_variant only the first N rows (the memory) query and are
+  updated; the input rows are keys and values only and come back unchanged.
+  """
+  b, r, f = z_BRF.shape
+  q = cfg.mem_slots if cfg.paper_variant else r
+  h, dk = cfg.num_heads, cfg.key_size
+  qkv = tape.layer_norm(f"qkv_norm/{k}",
+                        tape.dense(f"qkv/{k}", z_BRF, weights.qkv[k]),
+                        weights.qkv_norm[k])
+  # Per head, the qkv columns are contiguous: [q (d_k) | k (d_k) | v (d_v)].
+  qkv_BRHC = qkv.reshape(b, r, h, -1)
+  q_BQHK = qkv_BRHC[:, :q, :, :dk] * jnp.asarray(cfg.attention_scale,
+                                                 qkv.dtype)
+  k_BRHK = qkv_BRHC[..., dk:2 * dk]
+  v_BRHV = qkv_BRHC[..., 2 * dk:]
+  logits_BHQR = jnp.einsum("bqhk,bshk->bhqs", q_BQHK, k_BRHK,
+                           preferred_element_type=_wide(qkv.dtype))
+  weights_BHQR = jax.nn.softmax(logits_BHQR, axis=-1)
+  attended_BQF = jnp.einsum("bhqs,bshv->bqhv",
+                            weights_BHQR.astype(v_BRHV.dtype),
+                            v_BRHV).reshape(b, q, f)
+  z_BQF = tape.layer_norm(f"attention_norm/{k}", z_BRF[:, :q] + attended_BQF,
+                          weights.attention_norm[k])
+  mlp = z_BQF
+  for i, layer in enumerate(weights.mlp):
+    mlp = tape.dense(f"mlp/{k}/{i}", jax.nn.relu(mlp) if i else mlp, layer)
+  z_BQF = tape.layer_norm(f"mlp_norm/{k}", mlp + z_BQF, weights.mlp_norm[k])
+  if q < r:
+    z_BQF = jnp.concatenate([z_BQF, z_BRF[:, q:]], axis=1)
+  return z_BQF, weights_BHQR
+
+
+def step(cfg: StepConfig, weights: Weights, memory_BNF: jax.Array,
+         x_BnF: jax.Array, gates_in_B2G: jax.Array | None,
+         taps: dict[str, jax.Array] | None = None
+         ) -> tuple[jax.Array, StepInfo, dict[str, jax.Array],
+                    dict[str, jax.Array]]:
+  """The part of a step that depends on the previous memory.
+
+  Args:
+    cfg: the static configuration.
+    weights: the recurrence's weights (Dense ones in the compute dtype).
+    memory_BNF: previous memory [B, N, F], float32 (or float64 with a
+      float64 compute dtype).
+    x_BnF: the projected input rows [B, n, F].
+    gates_in_B2G: the input's gate contribution [B, 2G] (None without gates).
+    taps: optional arrays added to the layer outputs, by layer key.
+
+  Returns:
+    (next memory [B, N, F] (float32 or wider), StepInfo, layer inputs by key, layer
+    outputs before the taps by key).
+  """
+  cd = jnp.dtype(cfg.compute_dtype)
+  wide = _wide(cd)
+  tape = _Tape(taps)
+  n = cfg.mem_slots
+  z_BRF = jnp.concatenate([memory_BNF.astype(cd), x_BnF.astype(cd)], axis=1)
+  attention = []
+  for k in range(cfg.num_blocks):
+    z_BRF, weights_BHQR = _attention_block(cfg, weights, tape, k, z_BRF)
+    attention.append(weights_BHQR)
+  attended_BNF = z_BRF[:, :n].astype(wide)
+  attention_BKHQR = jnp.stack(attention, axis=1)
+
+  if cfg.gate_style is None:
+    return (attended_BNF, StepInfo(attention_BKHQR, None, None), tape.inputs,
+            tape.outputs)
+  gates_BN2G = (gates_in_B2G[:, None, :].astype(cd)
+                + tape.dense("memory_to_gates", jnp.tanh(memory_BNF),
+                             weights.memory_to_gates))
+  gi, gf = jnp.split(gates_BN2G.astype(wide), 2, axis=-1)
+  input_gate = jax.nn.sigmoid(gi + cfg.input_bias)
+  forget_gate = jax.nn.sigmoid(gf + cfg.forget_bias)
+  candidate = attended_BNF if cfg.paper_variant else jnp.tanh(attended_BNF)
+  next_memory = input_gate * candidate + forget_gate * memory_BNF
+  return (next_memory, StepInfo(attention_BKHQR, input_gate, forget_gate),
+          tape.inputs, tape.outputs)

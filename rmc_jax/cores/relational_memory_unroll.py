@@ -1,0 +1,221 @@
+"""The Relational Memory's recurrence over time, with a custom VJP.
+
+Plain reverse-mode differentiation of a scan accumulates the gradient of
+every weight used inside the loop at every step: per step and per Linear, a
+[in, out] matmul over only B*(N+1) rows, added into a [in, out] carry. For
+the paper's language-model core that is 300 MB of weight gradients written
+and read at each of the 100 steps.
+
+Here the reverse scan propagates activation gradients only: the step adds a
+zero "tap" to the output of every layer inside the recurrence and the tap's
+cotangent is that layer's output gradient dY. The reverse scan stacks dY for
+all steps; after it, each weight gradient is one matmul over all T*B*rows
+rows: dW = X^T dY (X the layer inputs of all steps), db = sum(dY), and for a
+LayerNorm d_scale = sum(normalised * dY), d_offset = sum(dY).
+
+Two ways to get each step's backward (the `recompute` flag):
+  store (default): the forward scan keeps each step's VJP residuals (the
+    step's activations; the weights, shared by all steps, are kept once, not
+    per step) and the layer inputs X.
+  recompute: the forward scan keeps only the memory of every step; the
+    reverse scan reruns each step's forward to get its VJP (one more forward
+    pass of FLOPs; less memory for the activations inside the step).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from rmc_jax.cores.relational_memory_step import cast_weights
+from rmc_jax.cores.relational_memory_step import step
+from rmc_jax.cores.relational_memory_step import StepConfig
+from rmc_jax.cores.relational_memory_step import Weights
+
+
+def unroll(cfg: StepConfig, weights: Weights, x_TBnF: jax.Array,
+           gates_in_TB2G: jax.Array | None, memory_BNF: jax.Array,
+           recompute: bool = False) -> jax.Array:
+  """Runs `step` over time; returns the memory after every step [T, B, N, F].
+
+  Args:
+    cfg: the step's static configuration.
+    weights: the recurrence's weights (float32 parameters).
+    x_TBnF: the projected input rows of every step.
+    gates_in_TB2G: the input's gate contribution of every step, or None.
+    memory_BNF: the memory before the first step.
+    recompute: recompute each step's forward in the backward pass instead of
+      storing its activations.
+  """
+  if x_TBnF.shape[0] < 1:
+    raise ValueError("RelationalMemory.unroll: the inputs need at least one "
+                     f"time step, got shape {x_TBnF.shape}.")
+  return _unroll(cfg, bool(recompute), weights, x_TBnF, gates_in_TB2G,
+                 memory_BNF)
+
+
+def _step_fn(cfg, w, memory, x, gates_in, taps):
+  next_memory, _, layer_inputs, _ = step(cfg, w, memory, x, gates_in, taps)
+  return next_memory, layer_inputs
+
+
+def _first(tree):
+  return jax.tree.map(lambda a: a[0], tree)
+
+
+def _zero_taps(cfg, w, memory, x, gates_in) -> dict[str, jax.Array]:
+  outputs = jax.eval_shape(lambda *a: step(cfg, *a)[3], w, memory, x, gates_in)
+  return {k: jnp.zeros(s.shape, s.dtype) for k, s in outputs.items()}
+
+
+def _split_vjp(cfg, w, memory, x, gates_in, taps):
+  """The step's value, layer inputs and VJP, the VJP split for storage.
+
+  Returns (next memory, layer inputs, per-step residuals, layout), where
+  layout = (treedef, index) says how to rebuild the VJP: index[j] is the
+  position in `w`'s leaves of the VJP's leaf j when that leaf is a weight
+  (kept once, not per step), else None (the leaf is the next per-step one).
+  """
+  next_memory, vjp_fn, layer_inputs = jax.vjp(
+      functools.partial(_step_fn, cfg, w), memory, x, gates_in, taps,
+      has_aux=True)
+  leaves, treedef = jax.tree.flatten(vjp_fn)
+  weight_index = {id(a): i for i, a in enumerate(jax.tree.leaves(w))}
+  index = tuple(weight_index.get(id(a)) for a in leaves)
+  per_step = [a for a, i in zip(leaves, index) if i is None]
+  return next_memory, layer_inputs, per_step, (treedef, index)
+
+
+def _layout(cfg, w, memory, x, gates_in, taps):
+  layouts = []
+
+  def trace(*args):
+    layouts.append(_split_vjp(cfg, *args)[3])
+
+  jax.eval_shape(trace, w, memory, x, gates_in, taps)
+  return layouts[0]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _unroll(cfg, recompute, weights, x_TBnF, gates_in_TB2G, memory_BNF):
+  del recompute  # Only the backward pass differs.
+  w = cast_weights(weights, cfg.compute_dtype)
+
+  def body(memory, xs):
+    memory = step(cfg, w, memory, *xs)[0]
+    return memory, memory
+
+  return jax.lax.scan(body, memory_BNF, (x_TBnF, gates_in_TB2G))[1]
+
+
+def _unroll_fwd(cfg, recompute, weights, x_TBnF, gates_in_TB2G, memory_BNF):
+  if recompute:
+    memories = _unroll(cfg, recompute, weights, x_TBnF, gates_in_TB2G,
+                       memory_BNF)
+    return memories, (weights, x_TBnF, gates_in_TB2G, memory_BNF, memories,
+                      None)
+  w = cast_weights(weights, cfg.compute_dtype)
+  first = (memory_BNF, x_TBnF[0], _first(gates_in_TB2G))
+  taps = _zero_taps(cfg, w, *first)
+  layout = _layout(cfg, w, *first, taps)
+
+  def body(memory, xs):
+    memory, layer_inputs, per_step, step_layout = _split_vjp(
+        cfg, w, memory, *xs, taps)
+    if step_layout[1] != layout[1]:  # Treedefs hold jaxprs: not comparable.
+      raise AssertionError("RelationalMemory.unroll: the step's VJP changed "
+                           "structure between traces.")
+    return memory, (memory, layer_inputs, per_step)
+
+  _, (memories, layer_inputs, per_step) = jax.lax.scan(
+      body, memory_BNF, (x_TBnF, gates_in_TB2G))
+  return memories, (weights, x_TBnF, gates_in_TB2G, memory_BNF, memories,
+                    (layer_inputs, per_step))
+
+
+def _unroll_bwd(cfg, recompute, residuals, ct_memories_TBNF):
+  weights, x_TBnF, gates_in_TB2G, memory_BNF, memories_TBNF, stored = (
+      residuals)
+  w = cast_weights(weights, cfg.compute_dtype)
+  first = (memory_BNF, x_TBnF[0], _first(gates_in_TB2G))
+  taps = _zero_taps(cfg, w, *first)
+  zero_memory = jnp.zeros_like(memory_BNF)
+
+  if recompute:
+    previous_TBNF = jnp.concatenate([memory_BNF[None], memories_TBNF[:-1]])
+
+    def body(ct_next, xs):
+      ct_t, memory, x, gates_in = xs
+      _, vjp_fn, layer_inputs = jax.vjp(
+          functools.partial(_step_fn, cfg, w), memory, x, gates_in, taps,
+          has_aux=True)
+      ct_memory, ct_x, ct_gates, ct_taps = vjp_fn(ct_next + ct_t)
+      return ct_memory, (ct_x, ct_gates, ct_taps, layer_inputs)
+
+    ct_memory0, (ct_x, ct_gates, ct_taps, layer_inputs) = jax.lax.scan(
+        body, zero_memory,
+        (ct_memories_TBNF, previous_TBNF, x_TBnF, gates_in_TB2G),
+        reverse=True)
+  else:
+    layer_inputs, per_step = stored
+    treedef, index = _layout(cfg, w, *first, taps)
+    w_leaves = jax.tree.leaves(w)
+
+    def body(ct_next, xs):
+      ct_t, step_leaves = xs
+      step_leaves = iter(step_leaves)
+      vjp_fn = jax.tree.unflatten(treedef, [
+          next(step_leaves) if i is None else w_leaves[i] for i in index])
+      ct_memory, ct_x, ct_gates, ct_taps = vjp_fn(ct_next + ct_t)
+      return ct_memory, (ct_x, ct_gates, ct_taps)
+
+    ct_memory0, (ct_x, ct_gates, ct_taps) = jax.lax.scan(
+        body, zero_memory, (ct_memories_TBNF, per_step), reverse=True)
+  ct_weights = _weight_grads(cfg, weights, layer_inputs, ct_taps)
+  return ct_weights, ct_x, ct_gates, ct_memory0
+
+
+_unroll.defvjp(_unroll_fwd, _unroll_bwd)
+
+
+def _rows(a: jax.Array) -> jax.Array:
+  return a.reshape(-1, a.shape[-1])
+
+
+def _dense_grad(layer_inputs, ct_taps, keys, like):
+  """Gradient of one Dense from all its applications, as one matmul each."""
+  w, b = like
+  dw = sum(jax.lax.dot_general(_rows(layer_inputs[k]), _rows(ct_taps[k]),
+                               (((0,), (0,)), ((), ())),
+                               preferred_element_type=w.dtype)
+           for k in keys)
+  db = sum(jnp.sum(_rows(ct_taps[k]).astype(b.dtype), axis=0) for k in keys)
+  return dw.astype(w.dtype), db.astype(b.dtype)
+
+
+def _norm_grad(layer_inputs, ct_taps, key, like):
+  normalised, ct = _rows(layer_inputs[key]), _rows(ct_taps[key])
+  scale, offset = like
+  return (jnp.sum(normalised * ct, axis=0).astype(scale.dtype),
+          jnp.sum(ct, axis=0).astype(offset.dtype))
+
+
+def _weight_grads(cfg: StepConfig, weights: Weights, layer_inputs,
+                  ct_taps) -> Weights:
+  blocks = range(cfg.num_blocks)
+  dense = lambda keys, like: _dense_grad(layer_inputs, ct_taps, keys, like)
+  norm = lambda key, like: _norm_grad(layer_inputs, ct_taps, key, like)
+  return Weights(
+      qkv=tuple(dense([f"qkv/{k}"], weights.qkv[k]) for k in blocks),
+      qkv_norm=tuple(norm(f"qkv_norm/{k}", weights.qkv_norm[k])
+                     for k in blocks),
+      attention_norm=tuple(norm(f"attention_norm/{k}",
+                                weights.attention_norm[k]) for k in blocks),
+      mlp_norm=tuple(norm(f"mlp_norm/{k}", weights.mlp_norm[k])
+                     for k in blocks),
+      mlp=tuple(dense([f"mlp/{k}/{i}" for k in blocks], layer)
+                for i, layer in enumerate(weights.mlp)),
+      memory_to_gates=(None if cfg.gate_style is None else dense(
+          ["memory_to_gates"], weights.memory_to_gates)))

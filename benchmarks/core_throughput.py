@@ -15,27 +15,34 @@ is the paper's Learning-to-Execute baseline (memory 80 x 64, 4 reads, 1 write,
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import math
 import platform
-import time
-from typing import Callable
 
 from absl import app
 from absl import flags
 import haiku as hk
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from benchmarks.core_configs import BenchConfig
+from benchmarks.core_configs import CONFIGS
+from benchmarks.core_configs import count_rmc_params
+from benchmarks.core_configs import DNC_KWARGS
+from benchmarks.core_configs import dnc_forward_flops_per_token
+from benchmarks.core_configs import lstm_forward_flops_per_token
+from benchmarks.core_configs import lstm_hidden_for
+from benchmarks.core_configs import measure_matmul_peak
+from benchmarks.core_configs import median_seconds
+from benchmarks.core_configs import rmc_forward_flops_per_token
 from rmc_jax import make_core
 
 _CONFIGS = flags.DEFINE_list("configs", ["C1", "C2", "C3", "C4"],
                              "Named configs to run.")
 _CORES = flags.DEFINE_list("cores", ["rmc", "lstm", "dnc"], "Cores to time.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed runs per measurement.")
-_REMAT = flags.DEFINE_bool("remat", False, "Use remat in the RMC unroll.")
+_REMAT = flags.DEFINE_bool(
+    "remat", False, "RelationalMemory(remat=True): recompute each step's "
+    "forward in the backward pass instead of storing its activations.")
 _JSON = flags.DEFINE_string("json", None, "Also write the results here.")
 _DYNAMIC_UNROLL = flags.DEFINE_bool(
     "dynamic_unroll", False,
@@ -43,104 +50,12 @@ _DYNAMIC_UNROLL = flags.DEFINE_bool(
     "the hoisted input projections of `unroll` are worth).")
 
 
-@dataclasses.dataclass(frozen=True)
-class BenchConfig:
-  mem_slots: int
-  head_size: int
-  num_heads: int
-  mlp_layers: int
-  input_size: int
-  batch: int
-  steps: int
-  key_size: int | None = None
-
-  @property
-  def mem_size(self) -> int:
-    return self.head_size * self.num_heads
-
-  def rmc_kwargs(self) -> dict:
-    return dict(mem_slots=self.mem_slots, head_size=self.head_size,
-                num_heads=self.num_heads, attention_mlp_layers=self.mlp_layers,
-                key_size=self.key_size, num_blocks=1, gate_style="unit")
-
-
-CONFIGS = {
-    "C1": BenchConfig(4, 64, 4, 2, 40, 64, 8),
-    "C2": BenchConfig(1, 192, 4, 3, 192, 32, 100, key_size=64),
-    "C3": BenchConfig(1, 625, 4, 5, 512, 8, 100),
-    "C4": BenchConfig(8, 64, 4, 2, 64, 32, 100),
-}
-
-
-def rmc_forward_flops_per_token(c: BenchConfig) -> float:
-  """Matmul FLOPs of one RMC step per batch element (one input row, one block)."""
-  f, n, h = c.mem_size, c.mem_slots, c.num_heads
-  dk = c.key_size or c.head_size
-  rows = n + 1
-  d_qkv = h * (2 * dk + c.head_size)
-  flops = 2 * c.input_size * f                        # input projection
-  flops += 2 * rows * f * d_qkv                       # qkv
-  flops += 2 * h * rows * rows * (dk + c.head_size)   # q k^T and weights @ v
-  flops += c.mlp_layers * 2 * rows * f * f            # attention MLP
-  flops += 2 * f * 2 * f + 2 * n * f * 2 * f          # unit gates: input, memory
-  return float(flops)
-
-
-DNC_KWARGS = dict(memory_size=80, word_size=64, num_reads=4, num_writes=1,
-                  controller="lstm", controller_sizes=(256, 256))
-
-
-def dnc_forward_flops_per_token(input_size: int, memory_size: int,
-                                word_size: int, num_reads: int,
-                                controller_sizes: tuple[int, ...],
-                                **unused) -> float:
-  """Matmul-like FLOPs of one DNC step (one write head, LSTM controller)."""
-  m, w, r = memory_size, word_size, num_reads
-  flops, below = 0, input_size + r * w
-  for h in controller_sizes:
-    flops += 2 * (below + h) * 4 * h
-    below = h
-  interface = r * w + 3 * w + 5 * r + 3
-  flops += 2 * below * interface + 2 * (below + r * w) * below
-  flops += 2 * m * w * (r + 1)        # content similarities (reads + write)
-  flops += 2 * 2 * m * w + 2 * m * w * r  # erase/write outer products, reads
-  flops += 4 * m * m + 2 * 2 * r * m * m  # link update, forward/backward reads
-  return float(flops)
-
-
-def lstm_forward_flops_per_token(input_size: int, hidden: int) -> float:
-  return float(2 * (input_size + hidden) * 4 * hidden)
-
-
-def lstm_hidden_for(num_params: int, input_size: int) -> int:
-  """Hidden size of a one-layer LSTM with about `num_params` parameters."""
-  # 4H^2 + 4H(D + 1) = P.
-  b = 4 * (input_size + 1)
-  return max(1, round((-b + math.sqrt(b * b + 16 * num_params)) / 8))
-
-
-def median_seconds(fn: Callable[[], object], repeats: int) -> float:
-  jax.block_until_ready(fn())  # warm-up (and compilation).
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - start)
-  return float(np.median(times))
-
-
-def measure_matmul_peak(size: int = 2048, repeats: int = 10) -> float:
-  """Float32 FLOP/s of a jitted square matmul on the default device."""
-  key_a, key_b = jax.random.split(jax.random.PRNGKey(0))
-  a = jax.random.normal(key_a, (size, size), jnp.float32)
-  b = jax.random.normal(key_b, (size, size), jnp.float32)
-  matmul = jax.jit(jnp.dot)
-  return 2 * size**3 / median_seconds(lambda: matmul(a, b), repeats)
-
-
 def time_core(core_name: str, core_kwargs: dict, c: BenchConfig,
               repeats: int, remat: bool) -> tuple[int, float]:
   """Returns (parameter count, median seconds of one forward+backward)."""
+
+  if remat and core_name == "rmc":
+    core_kwargs = dict(core_kwargs, remat=True)
 
   def loss_fn(inputs_TBD):
     core = make_core(core_name, **core_kwargs)
@@ -148,8 +63,7 @@ def time_core(core_name: str, core_kwargs: dict, c: BenchConfig,
     if _DYNAMIC_UNROLL.value:
       outputs, _ = hk.dynamic_unroll(core, inputs_TBD, state)
     else:
-      extra = {"remat": True} if remat and core_name == "rmc" else {}
-      outputs, _ = core.unroll(inputs_TBD, state, **extra)
+      outputs, _ = core.unroll(inputs_TBD, state)
     return jnp.mean(jnp.square(outputs))
 
   model = hk.without_apply_rng(hk.transform(loss_fn))
@@ -159,17 +73,6 @@ def time_core(core_name: str, core_kwargs: dict, c: BenchConfig,
   num_params = sum(x.size for x in jax.tree.leaves(params))
   grad_fn = jax.jit(jax.grad(model.apply))
   return num_params, median_seconds(lambda: grad_fn(params, inputs), repeats)
-
-
-def count_rmc_params(c: BenchConfig) -> int:
-  """Parameter count of the config's RMC, from shapes only."""
-
-  def init(x):
-    core = make_core("rmc", **c.rmc_kwargs())
-    return core.unroll(x, core.initial_state(1))
-  shapes = jax.eval_shape(hk.transform(init).init, jax.random.PRNGKey(0),
-                          jnp.zeros((1, 1, c.input_size)))
-  return sum(math.prod(s.shape) for s in jax.tree.leaves(shapes))
 
 
 def main(argv):

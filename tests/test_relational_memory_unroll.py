@@ -26,13 +26,12 @@ def _loss_fn(cfg, matrix, mode):
   """A loss that weighs every output, the final state and every element."""
 
   def loss(xs, s0):
-    core = RelationalMemory(**cfg)
+    core = RelationalMemory(**cfg, remat=(mode == "recompute"))
     if mode == "dynamic_unroll":
       step = (lambda x, s: core(x, s, True)) if matrix else core
       outputs, state = hk.dynamic_unroll(step, xs, s0)
     else:
-      outputs, state = core.unroll(xs, s0, matrix,
-                                   remat=(mode == "recompute"))
+      outputs, state = core.unroll(xs, s0, matrix)
     weights = jnp.arange(outputs.shape[-1], dtype=outputs.dtype) / 7.0
     return jnp.sum(jnp.sin(outputs) * weights) + jnp.sum(jnp.cos(state))
 

@@ -150,6 +150,7 @@ class RelationalMemory(hk.RNNCore):
       legacy_attention_scale: bool = False,
       paper_variant: bool = False,
       compute_dtype: Any = jnp.float32,
+      remat: bool = False,
   ):
     """Constructs the core.
 
@@ -175,6 +176,12 @@ class RelationalMemory(hk.RNNCore):
       compute_dtype: dtype of the matmuls (e.g. jnp.bfloat16 on accelerators).
         Parameters and the memory state stay float32; LayerNorm and softmax
         always run in float32.
+      remat: in the backward pass of `unroll`, recompute each step's forward
+        instead of storing its activations: less memory (about 0.4-0.6x of
+        storing), one more forward pass of compute (and of weight reads).
+        Storing is faster where the weights are large (the paper's LM core);
+        recomputing is faster on small cores with many slots on a CPU
+        (WORKSPACE_NOTES.md has the measurements).
 
     Raises:
       ValueError: on a non-positive size, num_blocks < 1,
@@ -211,6 +218,7 @@ class RelationalMemory(hk.RNNCore):
     self.attention_mlp_layers = int(attention_mlp_layers)
     self.compute_dtype = jnp.dtype(compute_dtype)
     self.paper_variant = bool(paper_variant)
+    self.remat = bool(remat)
     qkv_size = 2 * self.key_size + self.head_size
     scale = (qkv_size if legacy_attention_scale else self.key_size) ** -0.5
     self._step_config = StepConfig(
@@ -280,7 +288,7 @@ class RelationalMemory(hk.RNNCore):
   # -- Unroll ----------------------------------------------------------------
 
   def unroll(self, inputs: jax.Array, state: jax.Array,
-             treat_input_as_matrix: bool = False, *, remat: bool = False,
+             treat_input_as_matrix: bool = False, *,
              return_info: bool = False):
     """Runs the core over time; equals `hk.dynamic_unroll(core, inputs, state)`.
 
@@ -296,8 +304,6 @@ class RelationalMemory(hk.RNNCore):
         treat_input_as_matrix).
       state: memory [B, N, F] at the first step.
       treat_input_as_matrix: as in `__call__`.
-      remat: recompute each step's forward in the backward pass instead of
-        storing its activations (less memory, one more forward pass).
       return_info: also return the `StepInfo` of every step (time-major);
         this path is differentiated by plain autodiff.
 
@@ -315,14 +321,14 @@ class RelationalMemory(hk.RNNCore):
         memory_BNF, info, _, _ = step(self._step_config, w, memory_BNF, *xs)
         return memory_BNF, (memory_BNF, info)
 
-      if remat:
+      if self.remat:
         body = jax.checkpoint(body)
       _, (memories_TBNF, info) = jax.lax.scan(body, state,
                                               (x_TBnF, gates_in_TB2G))
     else:
       memories_TBNF = relational_memory_unroll.unroll(
           self._step_config, weights, x_TBnF, gates_in_TB2G, state,
-          recompute=remat)
+          recompute=self.remat)
     outputs = memories_TBNF.reshape(*memories_TBNF.shape[:2], -1)
     if return_info:
       return outputs, memories_TBNF[-1], info

@@ -4,12 +4,12 @@
 every path (`__call__`, `unroll`, `unroll(return_info=True)`) runs this one
 implementation. `step` also serves the custom-VJP unroll
 (`relational_memory_unroll`): it can add zero "taps" to the output of every
-layer inside the recurrence (their cotangents are the layers' output
-gradients) and it returns every layer's input (the Linear's input, or the
-LayerNorm's normalised value), which is all the weight gradients need.
+Linear inside the recurrence (their cotangents are the Linears' output
+gradients) and it returns every Linear's input, which is all their weight
+gradients need.
 
-Layer keys (the keys of `taps` and of the returned layer inputs):
-  qkv/{k}, qkv_norm/{k}, attention_norm/{k}, mlp_norm/{k}: block k's layers;
+Linear keys (the keys of `taps` and of the returned layer inputs):
+  qkv/{k}: block k's query/key/value projection;
   mlp/{k}/{i}: the shared MLP's layer i as applied in block k;
   memory_to_gates: the memory half of the gates.
 """
@@ -88,33 +88,31 @@ def _wide(dtype: Any) -> Any:
   return jnp.promote_types(dtype, jnp.float32)
 
 
+def _layer_norm(x: jax.Array, norm: Norm) -> jax.Array:
+  """LayerNorm over the last axis, in float32 or wider; returns x's dtype."""
+  scale, offset = norm
+  wide = x.astype(_wide(x.dtype))
+  centred = wide - jnp.mean(wide, axis=-1, keepdims=True)
+  variance = jnp.mean(jnp.square(centred), axis=-1, keepdims=True)
+  normalised = centred * jax.lax.rsqrt(variance + LAYER_NORM_EPS)
+  return (normalised * scale + offset).astype(x.dtype)
+
+
 class _Tape:
-  """Applies layers, adding taps to their outputs and recording their inputs."""
+  """Applies Linears, adding taps to their outputs and recording their inputs.
+  """
 
   def __init__(self, taps: dict[str, jax.Array] | None):
     self.taps = taps
     self.inputs: dict[str, jax.Array] = {}
     self.outputs: dict[str, jax.Array] = {}
 
-  def _tap(self, key: str, y: jax.Array) -> jax.Array:
-    self.outputs[key] = y
-    return y if self.taps is None else y + self.taps[key]
-
   def dense(self, key: str, x: jax.Array, dense: Dense) -> jax.Array:
     w, b = dense
     x = x.astype(w.dtype)
     self.inputs[key] = x
-    return self._tap(key, jnp.dot(x, w) + b)
-
-  def layer_norm(self, key: str, x: jax.Array, norm: Norm) -> jax.Array:
-    """LayerNorm over the last axis, in float32 or wider; returns x's dtype."""
-    scale, offset = norm
-    wide = x.astype(_wide(x.dtype))
-    centred = wide - jnp.mean(wide, axis=-1, keepdims=True)
-    variance = jnp.mean(jnp.square(centred), axis=-1, keepdims=True)
-    normalised = centred * jax.lax.rsqrt(variance + LAYER_NORM_EPS)
-    self.inputs[key] = normalised
-    return self._tap(key, normalised * scale + offset).astype(x.dtype)
+    y = self.outputs[key] = jnp.dot(x, w) + b
+    return y if self.taps is None else y + self.taps[key]
 
 
 def _attention_block(cfg: StepConfig, weights: Weights, tape: _Tape, k: int,
@@ -127,8 +125,7 @@ def _attention_block(cfg: StepConfig, weights: Weights, tape: _Tape, k: int,
   b, r, f = z_BRF.shape
   q = cfg.mem_slots if cfg.paper_variant else r
   h, dk = cfg.num_heads, cfg.key_size
-  qkv = tape.layer_norm(f"qkv_norm/{k}",
-                        tape.dense(f"qkv/{k}", z_BRF, weights.qkv[k]),
+  qkv = _layer_norm(tape.dense(f"qkv/{k}", z_BRF, weights.qkv[k]),
                         weights.qkv_norm[k])
   # Per head, the qkv columns are contiguous: [q (d_k) | k (d_k) | v (d_v)].
   qkv_BRHC = qkv.reshape(b, r, h, -1)
@@ -142,12 +139,12 @@ def _attention_block(cfg: StepConfig, weights: Weights, tape: _Tape, k: int,
   attended_BQF = jnp.einsum("bhqs,bshv->bqhv",
                             weights_BHQR.astype(v_BRHV.dtype),
                             v_BRHV).reshape(b, q, f)
-  z_BQF = tape.layer_norm(f"attention_norm/{k}", z_BRF[:, :q] + attended_BQF,
+  z_BQF = _layer_norm(z_BRF[:, :q] + attended_BQF,
                           weights.attention_norm[k])
   mlp = z_BQF
   for i, layer in enumerate(weights.mlp):
     mlp = tape.dense(f"mlp/{k}/{i}", jax.nn.relu(mlp) if i else mlp, layer)
-  z_BQF = tape.layer_norm(f"mlp_norm/{k}", mlp + z_BQF, weights.mlp_norm[k])
+  z_BQF = _layer_norm(mlp + z_BQF, weights.mlp_norm[k])
   if q < r:
     z_BQF = jnp.concatenate([z_BQF, z_BRF[:, q:]], axis=1)
   return z_BQF, weights_BHQR

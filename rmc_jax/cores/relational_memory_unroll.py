@@ -7,11 +7,12 @@ the paper's language-model core that is 300 MB of weight gradients written
 and read at each of the 100 steps.
 
 Here the reverse scan propagates activation gradients only: the step adds a
-zero "tap" to the output of every layer inside the recurrence and the tap's
-cotangent is that layer's output gradient dY. The reverse scan stacks dY for
+zero "tap" to the output of every Linear inside the recurrence and the tap's
+cotangent is that Linear's output gradient dY. The reverse scan stacks dY for
 all steps; after it, each weight gradient is one matmul over all T*B*rows
-rows: dW = X^T dY (X the layer inputs of all steps), db = sum(dY), and for a
-LayerNorm d_scale = sum(normalised * dY), d_offset = sum(dY).
+rows: dW = X^T dY (X the Linear's inputs of all steps), db = sum(dY). The
+LayerNorms' scales and offsets (vectors) are differentiated inside the step
+and summed in the reverse scan's carry.
 
 Two ways to get each step's backward (the `recompute` flag):
   store (default): the forward scan keeps each step's VJP residuals (the
@@ -56,7 +57,14 @@ def unroll(cfg: StepConfig, weights: Weights, x_TBnF: jax.Array,
                  memory_BNF)
 
 
-def _step_fn(cfg, w, memory, x, gates_in, taps):
+def _norms(w: Weights):
+  return w.qkv_norm, w.attention_norm, w.mlp_norm
+
+
+def _step_fn(cfg, w, memory, x, gates_in, taps, norms):
+  """The step as differentiated: LayerNorm parameters are inputs, Linears not."""
+  w = w._replace(qkv_norm=norms[0], attention_norm=norms[1],
+                 mlp_norm=norms[2])
   next_memory, _, layer_inputs, _ = step(cfg, w, memory, x, gates_in, taps)
   return next_memory, layer_inputs
 
@@ -80,7 +88,7 @@ def _split_vjp(cfg, w, memory, x, gates_in, taps):
   """
   next_memory, vjp_fn, layer_inputs = jax.vjp(
       functools.partial(_step_fn, cfg, w), memory, x, gates_in, taps,
-      has_aux=True)
+      _norms(w), has_aux=True)
   leaves, treedef = jax.tree.flatten(vjp_fn)
   weight_index = {id(a): i for i, a in enumerate(jax.tree.leaves(w))}
   index = tuple(weight_index.get(id(a)) for a in leaves)
@@ -141,7 +149,8 @@ def _unroll_bwd(cfg, recompute, residuals, ct_memories_TBNF):
   w = cast_weights(weights, cfg.compute_dtype)
   first = (memory_BNF, x_TBnF[0], _first(gates_in_TB2G))
   taps = _zero_taps(cfg, w, *first)
-  zero_memory = jnp.zeros_like(memory_BNF)
+  carry = (jnp.zeros_like(memory_BNF),
+           jax.tree.map(jnp.zeros_like, _norms(w)))
 
   if recompute:
     previous_TBNF = jnp.concatenate([memory_BNF[None], memories_TBNF[:-1]])
@@ -150,14 +159,15 @@ def _unroll_bwd(cfg, recompute, residuals, ct_memories_TBNF):
       ct_t, memory, x, gates_in = xs
       _, vjp_fn, layer_inputs = jax.vjp(
           functools.partial(_step_fn, cfg, w), memory, x, gates_in, taps,
-          has_aux=True)
-      ct_memory, ct_x, ct_gates, ct_taps = vjp_fn(ct_next + ct_t)
-      return ct_memory, (ct_x, ct_gates, ct_taps, layer_inputs)
+          _norms(w), has_aux=True)
+      ct_memory, ct_x, ct_gates, ct_taps, ct_norms = vjp_fn(ct_next[0] + ct_t)
+      return ((ct_memory, _add(ct_next[1], ct_norms)),
+              (ct_x, ct_gates, ct_taps, layer_inputs))
 
-    ct_memory0, (ct_x, ct_gates, ct_taps, layer_inputs) = jax.lax.scan(
-        body, zero_memory,
-        (ct_memories_TBNF, previous_TBNF, x_TBnF, gates_in_TB2G),
-        reverse=True)
+    (ct_memory0, ct_norms), (ct_x, ct_gates, ct_taps, layer_inputs) = (
+        jax.lax.scan(body, carry,
+                     (ct_memories_TBNF, previous_TBNF, x_TBnF, gates_in_TB2G),
+                     reverse=True))
   else:
     layer_inputs, per_step = stored
     treedef, index = _layout(cfg, w, *first, taps)
@@ -168,16 +178,20 @@ def _unroll_bwd(cfg, recompute, residuals, ct_memories_TBNF):
       step_leaves = iter(step_leaves)
       vjp_fn = jax.tree.unflatten(treedef, [
           next(step_leaves) if i is None else w_leaves[i] for i in index])
-      ct_memory, ct_x, ct_gates, ct_taps = vjp_fn(ct_next + ct_t)
-      return ct_memory, (ct_x, ct_gates, ct_taps)
+      ct_memory, ct_x, ct_gates, ct_taps, ct_norms = vjp_fn(ct_next[0] + ct_t)
+      return (ct_memory, _add(ct_next[1], ct_norms)), (ct_x, ct_gates, ct_taps)
 
-    ct_memory0, (ct_x, ct_gates, ct_taps) = jax.lax.scan(
-        body, zero_memory, (ct_memories_TBNF, per_step), reverse=True)
-  ct_weights = _weight_grads(cfg, weights, layer_inputs, ct_taps)
+    (ct_memory0, ct_norms), (ct_x, ct_gates, ct_taps) = jax.lax.scan(
+        body, carry, (ct_memories_TBNF, per_step), reverse=True)
+  ct_weights = _weight_grads(cfg, weights, layer_inputs, ct_taps, ct_norms)
   return ct_weights, ct_x, ct_gates, ct_memory0
 
 
 _unroll.defvjp(_unroll_fwd, _unroll_bwd)
+
+
+def _add(a, b):
+  return jax.tree.map(jnp.add, a, b)
 
 
 def _rows(a: jax.Array) -> jax.Array:
@@ -195,26 +209,13 @@ def _dense_grad(layer_inputs, ct_taps, keys, like):
   return dw.astype(w.dtype), db.astype(b.dtype)
 
 
-def _norm_grad(layer_inputs, ct_taps, key, like):
-  normalised, ct = _rows(layer_inputs[key]), _rows(ct_taps[key])
-  scale, offset = like
-  return (jnp.sum(normalised * ct, axis=0).astype(scale.dtype),
-          jnp.sum(ct, axis=0).astype(offset.dtype))
-
-
-def _weight_grads(cfg: StepConfig, weights: Weights, layer_inputs,
-                  ct_taps) -> Weights:
+def _weight_grads(cfg: StepConfig, weights: Weights, layer_inputs, ct_taps,
+                  ct_norms) -> Weights:
   blocks = range(cfg.num_blocks)
   dense = lambda keys, like: _dense_grad(layer_inputs, ct_taps, keys, like)
-  norm = lambda key, like: _norm_grad(layer_inputs, ct_taps, key, like)
   return Weights(
       qkv=tuple(dense([f"qkv/{k}"], weights.qkv[k]) for k in blocks),
-      qkv_norm=tuple(norm(f"qkv_norm/{k}", weights.qkv_norm[k])
-                     for k in blocks),
-      attention_norm=tuple(norm(f"attention_norm/{k}",
-                                weights.attention_norm[k]) for k in blocks),
-      mlp_norm=tuple(norm(f"mlp_norm/{k}", weights.mlp_norm[k])
-                     for k in blocks),
+      qkv_norm=ct_norms[0], attention_norm=ct_norms[1], mlp_norm=ct_norms[2],
       mlp=tuple(dense([f"mlp/{k}/{i}" for k in blocks], layer)
                 for i, layer in enumerate(weights.mlp)),
       memory_to_gates=(None if cfg.gate_style is None else dense(

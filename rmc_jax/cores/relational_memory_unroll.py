@@ -194,18 +194,23 @@ def _add(a, b):
   return jax.tree.map(jnp.add, a, b)
 
 
-def _rows(a: jax.Array) -> jax.Array:
-  return a.reshape(-1, a.shape[-1])
-
-
 def _dense_grad(layer_inputs, ct_taps, keys, like):
-  """Gradient of one Dense from all its applications, as one matmul each."""
+  """Gradient of one Dense from all its applications, as one matmul each.
+
+  dW contracts the inputs and output gradients over all their leading axes
+  (steps, batch, rows) at once; no reshape, so a batch axis sharded over
+  devices stays valid (the contraction then sums across devices).
+  """
   w, b = like
-  dw = sum(jax.lax.dot_general(_rows(layer_inputs[k]), _rows(ct_taps[k]),
-                               (((0,), (0,)), ((), ())),
+
+  def contract(x, dy):
+    lead = tuple(range(x.ndim - 1))
+    return jax.lax.dot_general(x, dy, ((lead, lead), ((), ())),
                                preferred_element_type=w.dtype)
-           for k in keys)
-  db = sum(jnp.sum(_rows(ct_taps[k]).astype(b.dtype), axis=0) for k in keys)
+
+  dw = sum(contract(layer_inputs[k], ct_taps[k]) for k in keys)
+  db = sum(jnp.sum(ct_taps[k].astype(b.dtype),
+                   axis=tuple(range(ct_taps[k].ndim - 1))) for k in keys)
   return dw.astype(w.dtype), db.astype(b.dtype)
 
 

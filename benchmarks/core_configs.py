@@ -11,6 +11,7 @@ import math
 import time
 from typing import Callable
 
+from absl import app
 import haiku as hk
 import jax
 import jax.numpy as jnp
@@ -38,6 +39,14 @@ class BenchConfig:
     return dict(mem_slots=self.mem_slots, head_size=self.head_size,
                 num_heads=self.num_heads, attention_mlp_layers=self.mlp_layers,
                 key_size=self.key_size, num_blocks=1, gate_style="unit")
+
+
+def check_config_names(names: list[str]) -> None:
+  """Raises a usage error naming --configs if a name is not a config."""
+  unknown = sorted(set(names) - set(CONFIGS))
+  if unknown:
+    raise app.UsageError(f"--configs: unknown {unknown}; expected some of "
+                         f"{sorted(CONFIGS)}.")
 
 
 CONFIGS = {

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks.core_configs import BenchConfig
+from benchmarks.core_configs import check_config_names
 from benchmarks.core_configs import CONFIGS
 from benchmarks.core_configs import count_rmc_params
 from benchmarks.core_configs import DNC_KWARGS
@@ -77,10 +78,7 @@ def time_core(core_name: str, core_kwargs: dict, c: BenchConfig,
 
 def main(argv):
   del argv
-  unknown = sorted(set(_CONFIGS.value) - set(CONFIGS))
-  if unknown:
-    raise app.UsageError(f"--configs: unknown {unknown}; expected some of "
-                         f"{sorted(CONFIGS)}.")
+  check_config_names(_CONFIGS.value)
   bad_cores = sorted(set(_CORES.value) - {"rmc", "lstm", "dnc"})
   if bad_cores:
     raise app.UsageError(f"--cores: unknown {bad_cores}; expected some of "

@@ -39,10 +39,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.core_configs import (
-    CONFIGS, BenchConfig, count_rmc_params, lstm_forward_flops_per_token,
-    lstm_hidden_for, measure_matmul_peak, median_seconds,
-    rmc_forward_flops_per_token)
+from benchmarks.core_configs import BenchConfig
+from benchmarks.core_configs import check_config_names
+from benchmarks.core_configs import CONFIGS
+from benchmarks.core_configs import count_rmc_params
+from benchmarks.core_configs import lstm_forward_flops_per_token
+from benchmarks.core_configs import lstm_hidden_for
+from benchmarks.core_configs import measure_matmul_peak
+from benchmarks.core_configs import median_seconds
+from benchmarks.core_configs import rmc_forward_flops_per_token
 from rmc_jax import make_core
 
 _CONFIGS = flags.DEFINE_list("configs", list(CONFIGS), "Named configs to run.")
@@ -316,10 +321,7 @@ def print_report(r: dict) -> None:
 
 def main(argv):
   del argv
-  unknown = sorted(set(_CONFIGS.value) - set(CONFIGS))
-  if unknown:
-    raise app.UsageError(f"--configs: unknown {unknown}; expected some of "
-                         f"{sorted(CONFIGS)}.")
+  check_config_names(_CONFIGS.value)
   peak, bandwidth = measure_matmul_peak(), measure_weight_bandwidth()
   print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}; "
         f"float32 matmul peak {peak / 1e9:.1f} GFLOP/s, weight streaming "

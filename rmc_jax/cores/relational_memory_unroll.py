@@ -3,7 +3,7 @@
 Plain reverse-mode differentiation of a scan accumulates the gradient of
 every weight used inside the loop at every step: per step and per Linear, a
 [in, out] matmul over only B*(N+1) rows, added into a [in, out] carry. For
-the paper's language-model core that is 300 MB of weight gradients written
+the paper's language-model core that is 250 MB of weight gradients written
 and read at each of the 100 steps.
 
 Here the reverse scan propagates activation gradients only: the step adds a
@@ -106,9 +106,8 @@ def _layout(cfg, w, memory, x, gates_in, taps):
   return layouts[0]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _unroll(cfg, recompute, weights, x_TBnF, gates_in_TB2G, memory_BNF):
-  del recompute  # Only the backward pass differs.
+def _memories(cfg, weights, x_TBnF, gates_in_TB2G, memory_BNF):
+  """The plain forward scan: the memory after every step."""
   w = cast_weights(weights, cfg.compute_dtype)
 
   def body(memory, xs):
@@ -118,10 +117,15 @@ def _unroll(cfg, recompute, weights, x_TBnF, gates_in_TB2G, memory_BNF):
   return jax.lax.scan(body, memory_BNF, (x_TBnF, gates_in_TB2G))[1]
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _unroll(cfg, recompute, weights, x_TBnF, gates_in_TB2G, memory_BNF):
+  del recompute  # Only the backward pass differs.
+  return _memories(cfg, weights, x_TBnF, gates_in_TB2G, memory_BNF)
+
+
 def _unroll_fwd(cfg, recompute, weights, x_TBnF, gates_in_TB2G, memory_BNF):
   if recompute:
-    memories = _unroll(cfg, recompute, weights, x_TBnF, gates_in_TB2G,
-                       memory_BNF)
+    memories = _memories(cfg, weights, x_TBnF, gates_in_TB2G, memory_BNF)
     return memories, (weights, x_TBnF, gates_in_TB2G, memory_BNF, memories,
                       None)
   w = cast_weights(weights, cfg.compute_dtype)

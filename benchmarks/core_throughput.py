@@ -5,8 +5,12 @@ a loss on `core.unroll` outputs with respect to all parameters, reports the
 median over repeated runs after warm-up, and compares the analytic matmul
 FLOPs per token with the float32 matmul rate measured in the same run.
 
-  python -m benchmarks.core_throughput                 # all configs, RMC and LSTM
-  python -m benchmarks.core_throughput --configs=C1,C3 --cores=rmc --repeats=5
+  python -m benchmarks.core_throughput            # all configs, RMC, LSTM, DNC
+  python -m benchmarks.core_throughput --configs=C1,C3 --cores=rmc --remat
+  python -m benchmarks.core_throughput --cores=rmc --batch_size=64 --compile_only
+
+Each row also gives XLA's temporary memory of the compiled step ("temp MiB":
+activations kept for the backward pass and workspace).
 
 The LSTM baseline of each config has about the RMC's parameter count; the DNC
 is the paper's Learning-to-Execute baseline (memory 80 x 64, 4 reads, 1 write,
@@ -15,6 +19,7 @@ is the paper's Learning-to-Execute baseline (memory 80 x 64, 4 reads, 1 write,
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import platform
 
@@ -45,6 +50,11 @@ _REMAT = flags.DEFINE_bool(
     "remat", False, "RelationalMemory(remat=True): recompute each step's "
     "forward in the backward pass instead of storing its activations.")
 _JSON = flags.DEFINE_string("json", None, "Also write the results here.")
+_BATCH = flags.DEFINE_integer(
+    "batch_size", None, "Override the configs' batch sizes.", lower_bound=1)
+_COMPILE_ONLY = flags.DEFINE_bool(
+    "compile_only", False, "Only compile and report XLA's temporary memory of "
+    "the step (no timing).")
 _DYNAMIC_UNROLL = flags.DEFINE_bool(
     "dynamic_unroll", False,
     "Time hk.dynamic_unroll(core, ...) instead of core.unroll (to measure what "
@@ -52,8 +62,13 @@ _DYNAMIC_UNROLL = flags.DEFINE_bool(
 
 
 def time_core(core_name: str, core_kwargs: dict, c: BenchConfig,
-              repeats: int, remat: bool) -> tuple[int, float]:
-  """Returns (parameter count, median seconds of one forward+backward)."""
+              repeats: int, remat: bool) -> tuple[int, float, int]:
+  """Returns (parameter count, median seconds of one forward+backward, bytes).
+
+  The bytes are XLA's temporaries of the compiled step (its activations and
+  workspace; parameters, inputs and gradients not included). The seconds are
+  NaN with --compile_only.
+  """
 
   if remat and core_name == "rmc":
     core_kwargs = dict(core_kwargs, remat=True)
@@ -70,10 +85,16 @@ def time_core(core_name: str, core_kwargs: dict, c: BenchConfig,
   model = hk.without_apply_rng(hk.transform(loss_fn))
   inputs = jax.random.normal(jax.random.PRNGKey(1),
                              (c.steps, c.batch, c.input_size))
-  params = model.init(jax.random.PRNGKey(2), inputs)
+  params = jax.eval_shape(model.init, jax.random.PRNGKey(2), inputs)
   num_params = sum(x.size for x in jax.tree.leaves(params))
   grad_fn = jax.jit(jax.grad(model.apply))
-  return num_params, median_seconds(lambda: grad_fn(params, inputs), repeats)
+  compiled = grad_fn.lower(params, inputs).compile()
+  temp_bytes = compiled.memory_analysis().temp_size_in_bytes
+  if _COMPILE_ONLY.value:
+    return num_params, float("nan"), temp_bytes
+  params = model.init(jax.random.PRNGKey(2), inputs)
+  seconds = median_seconds(lambda: compiled(params, inputs), repeats)
+  return num_params, seconds, temp_bytes
 
 
 def main(argv):
@@ -89,12 +110,15 @@ def main(argv):
   print(f"measured float32 matmul peak: {peak / 1e9:.1f} GFLOP/s; timing "
         f"{'hk.dynamic_unroll' if _DYNAMIC_UNROLL.value else 'core.unroll'}\n")
   header = (f"{'config':6} {'core':5} {'params':>11} {'tokens/s':>10} "
-            f"{'GFLOP/token':>11} {'GFLOP/s':>8} {'% peak':>7}")
+            f"{'GFLOP/token':>11} {'GFLOP/s':>8} {'% peak':>7} "
+            f"{'temp MiB':>9}")
   print(header)
   print("-" * len(header))
   results = []
   for name in _CONFIGS.value:
     c = CONFIGS[name]
+    if _BATCH.value:
+      c = dataclasses.replace(c, batch=_BATCH.value)
     rmc_params = None
     for core_name in _CORES.value:
       if core_name == "rmc":
@@ -109,8 +133,8 @@ def main(argv):
         hidden = lstm_hidden_for(rmc_params, c.input_size)
         kwargs = dict(hidden_sizes=(hidden,))
         fwd = lstm_forward_flops_per_token(c.input_size, hidden)
-      num_params, seconds = time_core(core_name, kwargs, c, _REPEATS.value,
-                                      _REMAT.value)
+      num_params, seconds, temp_bytes = time_core(
+          core_name, kwargs, c, _REPEATS.value, _REMAT.value)
       if core_name == "rmc":
         rmc_params = num_params
       tokens_per_s = c.batch * c.steps / seconds
@@ -120,11 +144,16 @@ def main(argv):
                  tokens_per_s=tokens_per_s, flops_per_token=flops_per_token,
                  achieved_flops=achieved, peak_flops=peak,
                  fraction_of_peak=achieved / peak, core_kwargs=kwargs,
-                 seconds_per_step=seconds)
+                 seconds_per_step=seconds, batch=c.batch,
+                 temp_bytes=temp_bytes)
       results.append(row)
-      print(f"{name:6} {core_name:5} {num_params:>11,} {tokens_per_s:>10,.0f} "
-            f"{flops_per_token / 1e9:>11.4f} {achieved / 1e9:>8.1f} "
-            f"{100 * achieved / peak:>6.1f}%", flush=True)
+      timing = ("-".rjust(10) + f" {flops_per_token / 1e9:>11.4f} "
+                + "-".rjust(8) + " " + "-".rjust(7)
+                if _COMPILE_ONLY.value else
+                f"{tokens_per_s:>10,.0f} {flops_per_token / 1e9:>11.4f} "
+                f"{achieved / 1e9:>8.1f} {100 * achieved / peak:>6.1f}%")
+      print(f"{name:6} {core_name:5} {num_params:>11,} {timing} "
+            f"{temp_bytes / 2**20:>9.1f}", flush=True)
   if _JSON.value:
     with open(_JSON.value, "w") as f:
       json.dump(results, f, indent=1)

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from rmc_jax import RelationalMemory
+from rmc_jax.cores import relational_memory_unroll
 from tests import helpers
 
 T, B = 5, 3
@@ -42,7 +43,7 @@ def _loss_fn(cfg, matrix, mode):
 
 
 @functools.lru_cache(maxsize=None)
-def _gradients(gate_style, num_blocks, matrix, extra=()):
+def _gradients(gate_style, num_blocks, matrix, extra=(), chunk_rows=None):
   cfg = dict(mem_slots=3, head_size=4, num_heads=2, num_blocks=num_blocks,
              gate_style=gate_style, attention_mlp_layers=2,
              compute_dtype=jnp.float64, **dict(extra))
@@ -58,10 +59,15 @@ def _gradients(gate_style, num_blocks, matrix, extra=()):
         lambda s: rng.normal(scale=0.5, size=s.shape).astype(np.float64),
         shapes)
     grads = {}
-    for mode in MODES:
-      grad_fn = jax.jit(jax.grad(_loss_fn(cfg, matrix, mode).apply,
-                                 argnums=(0, 1, 2)))
-      grads[mode] = jax.tree.map(np.asarray, grad_fn(params, xs, s0))
+    default_chunk_rows = relational_memory_unroll._CHUNK_ROWS
+    relational_memory_unroll._CHUNK_ROWS = chunk_rows or default_chunk_rows
+    try:
+      for mode in MODES:
+        grad_fn = jax.jit(jax.grad(_loss_fn(cfg, matrix, mode).apply,
+                                   argnums=(0, 1, 2)))
+        grads[mode] = jax.tree.map(np.asarray, grad_fn(params, xs, s0))
+    finally:
+      relational_memory_unroll._CHUNK_ROWS = default_chunk_rows
   return grads
 
 
@@ -94,6 +100,15 @@ def test_fast_path_gradients_equal_dynamic_unroll(gate_style, num_blocks,
 ])
 def test_fast_path_gradients_of_options(extra):
   grads = _gradients("unit", 2, True, extra)
+  for mode in ("store", "recompute"):
+    assert _max_relative_error(grads["dynamic_unroll"], grads[mode]) <= 1e-9
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 20])
+def test_fast_path_gradients_in_chunks(chunk_rows):
+  """The reverse scan in chunks of 1 step, and of 2 steps with a 1-step head
+  (B = 3, 3 slots + 1 input row: 12 rows per step; T = 5)."""
+  grads = _gradients("unit", 2, False, (), chunk_rows)
   for mode in ("store", "recompute"):
     assert _max_relative_error(grads["dynamic_unroll"], grads[mode]) <= 1e-9
 

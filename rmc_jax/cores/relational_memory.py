@@ -177,7 +177,7 @@ class RelationalMemory(hk.RNNCore):
         Parameters and the memory state stay float32; LayerNorm and softmax
         always run in float32.
       remat: in the backward pass of `unroll`, recompute each step's forward
-        instead of storing its activations: less memory (about 0.4-0.6x of
+        instead of storing its activations: less memory (0.15-0.35x of
         storing), one more forward pass of compute (and of weight reads).
         Storing is faster where the weights are large (the paper's LM core);
         recomputing is faster on small cores with many slots on a CPU

@@ -8,24 +8,27 @@ and read at each of the 100 steps.
 
 Here the reverse scan propagates activation gradients only: the step adds a
 zero "tap" to the output of every Linear inside the recurrence and the tap's
-cotangent is that Linear's output gradient dY. The reverse scan stacks dY for
-all steps; after it, each weight gradient is one matmul over all T*B*rows
-rows: dW = X^T dY (X the Linear's inputs of all steps), db = sum(dY). The
-LayerNorms' scales and offsets (vectors) are differentiated inside the step
-and summed in the reverse scan's carry.
+cotangent is that Linear's output gradient dY. The reverse scan runs over
+chunks of steps (about `_CHUNK_ROWS` rows of steps x batch x rows each; the
+whole unroll when a step has few rows); after each chunk, each weight
+gradient is one matmul over the chunk's rows, dW += X^T dY (X the Linear's
+inputs), db += sum(dY), so only one chunk's dY is kept. The LayerNorms'
+scales and offsets (vectors) are differentiated inside the step and summed in
+the reverse scan's carry.
 
 Two ways to get each step's backward (the `recompute` flag):
   store (default): the forward scan keeps each step's VJP residuals (the
     step's activations; the weights, shared by all steps, are kept once, not
     per step) and the layer inputs X.
   recompute: the forward scan keeps only the memory of every step; the
-    reverse scan reruns each step's forward to get its VJP (one more forward
-    pass of FLOPs; less memory for the activations inside the step).
+    reverse scan reruns each step's forward to get its VJP and X (one more
+    forward pass of FLOPs; only one chunk's activations are ever kept).
 """
 
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +37,11 @@ from rmc_jax.cores.relational_memory_step import cast_weights
 from rmc_jax.cores.relational_memory_step import step
 from rmc_jax.cores.relational_memory_step import StepConfig
 from rmc_jax.cores.relational_memory_step import Weights
+
+# Rows (steps x batch x memory-and-input rows) of each weight-gradient matmul:
+# the reverse scan runs in chunks of about this many rows, keeping the output
+# gradients of one chunk only, and adds each chunk's weight gradients.
+_CHUNK_ROWS = 4096
 
 
 def unroll(cfg: StepConfig, weights: Weights, x_TBnF: jax.Array,
@@ -153,42 +161,87 @@ def _unroll_bwd(cfg, recompute, residuals, ct_memories_TBNF):
   w = cast_weights(weights, cfg.compute_dtype)
   first = (memory_BNF, x_TBnF[0], _first(gates_in_TB2G))
   taps = _zero_taps(cfg, w, *first)
-  carry = (jnp.zeros_like(memory_BNF),
-           jax.tree.map(jnp.zeros_like, _norms(w)))
 
   if recompute:
     previous_TBNF = jnp.concatenate([memory_BNF[None], memories_TBNF[:-1]])
+    steps = (ct_memories_TBNF, previous_TBNF, x_TBnF, gates_in_TB2G)
+    stored_inputs = None
 
-    def body(ct_next, xs):
-      ct_t, memory, x, gates_in = xs
+    def step_bwd(carry, t):
+      ct_t, memory, x, gates_in = _at(steps, t)
       _, vjp_fn, layer_inputs = jax.vjp(
           functools.partial(_step_fn, cfg, w), memory, x, gates_in, taps,
           _norms(w), has_aux=True)
-      ct_memory, ct_x, ct_gates, ct_taps, ct_norms = vjp_fn(ct_next[0] + ct_t)
-      return ((ct_memory, _add(ct_next[1], ct_norms)),
-              (ct_x, ct_gates, ct_taps, layer_inputs))
-
-    (ct_memory0, ct_norms), (ct_x, ct_gates, ct_taps, layer_inputs) = (
-        jax.lax.scan(body, carry,
-                     (ct_memories_TBNF, previous_TBNF, x_TBnF, gates_in_TB2G),
-                     reverse=True))
+      return _apply_vjp(vjp_fn, carry, ct_t, layer_inputs)
   else:
-    layer_inputs, per_step = stored
+    stored_inputs, per_step = stored
+    steps = (ct_memories_TBNF, per_step)
     treedef, index = _layout(cfg, w, *first, taps)
     w_leaves = jax.tree.leaves(w)
 
-    def body(ct_next, xs):
-      ct_t, step_leaves = xs
+    def step_bwd(carry, t):
+      ct_t, step_leaves = _at(steps, t)
       step_leaves = iter(step_leaves)
       vjp_fn = jax.tree.unflatten(treedef, [
           next(step_leaves) if i is None else w_leaves[i] for i in index])
-      ct_memory, ct_x, ct_gates, ct_taps, ct_norms = vjp_fn(ct_next[0] + ct_t)
-      return (ct_memory, _add(ct_next[1], ct_norms)), (ct_x, ct_gates, ct_taps)
+      return _apply_vjp(vjp_fn, carry, ct_t, None)
 
-    (ct_memory0, ct_norms), (ct_x, ct_gates, ct_taps) = jax.lax.scan(
-        body, carry, (ct_memories_TBNF, per_step), reverse=True)
-  ct_weights = _weight_grads(cfg, weights, layer_inputs, ct_taps, ct_norms)
+  def chunk_bwd(carry, start, length):
+    """Steps [start, start + length) in reverse, then their weight gradients.
+
+    Each step indexes the stacked residuals itself: slicing a chunk of them
+    first would copy it.
+    """
+    ct_memory, ct_norms, ct_dense = carry
+    (ct_memory, ct_norms), (ct_step_inputs, ct_taps, layer_inputs) = (
+        jax.lax.scan(step_bwd, (ct_memory, ct_norms),
+                     start + jnp.arange(length), reverse=True))
+    if stored_inputs is not None:
+      layer_inputs = jax.tree.map(
+          lambda a: jax.lax.dynamic_slice_in_dim(a, start, length),
+          stored_inputs)
+    ct_dense = _add(ct_dense, _dense_grads(cfg, _dense(weights), layer_inputs,
+                                           ct_taps))
+    return (ct_memory, ct_norms, ct_dense), ct_step_inputs
+
+  carry = (jnp.zeros_like(memory_BNF),
+           jax.tree.map(jnp.zeros_like, _norms(weights)),
+           jax.tree.map(jnp.zeros_like, _dense(weights)))
+  num_steps = x_TBnF.shape[0]
+  rows_per_step = math.prod(taps["qkv/0"].shape[:-1])
+  length = max(1, min(num_steps, -(-_CHUNK_ROWS // rows_per_step)))
+  head = num_steps % length
+  # Full chunks cover steps [head, T), last chunk first; then steps [0, head).
+  carry, ct_main = jax.lax.scan(
+      lambda carry, start: chunk_bwd(carry, start, length), carry,
+      head + length * jnp.arange(num_steps // length), reverse=True)
+  ct_step_inputs = jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]),
+                                ct_main)
+  if head:
+    carry, ct_head = chunk_bwd(carry, 0, head)
+    ct_step_inputs = jax.tree.map(lambda h, m: jnp.concatenate([h, m]),
+                                  ct_head, ct_step_inputs)
+  ct_memory0, ct_norms, ct_dense = carry
+  qkv, mlp, memory_to_gates = ct_dense
+  ct_weights = Weights(
+      qkv=qkv, qkv_norm=ct_norms[0], attention_norm=ct_norms[1],
+      mlp_norm=ct_norms[2], mlp=mlp, memory_to_gates=memory_to_gates)
+  ct_x, ct_gates = ct_step_inputs
   return ct_weights, ct_x, ct_gates, ct_memory0
+
+
+def _at(tree, t):
+  """Step t of stacked arrays."""
+  return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, t, 0, False),
+                      tree)
+
+
+def _apply_vjp(vjp_fn, carry, ct_t, layer_inputs):
+  """One step of the reverse scan: (ct of memory, LayerNorm sums) carried."""
+  ct_next, ct_norms = carry
+  ct_memory, ct_x, ct_gates, ct_taps, ct_step_norms = vjp_fn(ct_next + ct_t)
+  return ((ct_memory, _add(ct_norms, ct_step_norms)),
+          ((ct_x, ct_gates), ct_taps, layer_inputs))
 
 
 _unroll.defvjp(_unroll_fwd, _unroll_bwd)
@@ -198,8 +251,13 @@ def _add(a, b):
   return jax.tree.map(jnp.add, a, b)
 
 
+def _dense(w: Weights):
+  """The Linears inside the recurrence: (qkv per block, MLP, memory gates)."""
+  return w.qkv, w.mlp, w.memory_to_gates
+
+
 def _dense_grad(layer_inputs, ct_taps, keys, like):
-  """Gradient of one Dense from all its applications, as one matmul each.
+  """Gradient of one Linear from all its applications, as one matmul each.
 
   dW contracts the inputs and output gradients over all their leading axes
   (steps, batch, rows) at once; no reshape, so a batch axis sharded over
@@ -218,14 +276,13 @@ def _dense_grad(layer_inputs, ct_taps, keys, like):
   return dw.astype(w.dtype), db.astype(b.dtype)
 
 
-def _weight_grads(cfg: StepConfig, weights: Weights, layer_inputs, ct_taps,
-                  ct_norms) -> Weights:
+def _dense_grads(cfg: StepConfig, like, layer_inputs, ct_taps):
+  """Gradients of `_dense(weights)` from a chunk's inputs and output grads."""
+  qkv, mlp, memory_to_gates = like
   blocks = range(cfg.num_blocks)
-  dense = lambda keys, like: _dense_grad(layer_inputs, ct_taps, keys, like)
-  return Weights(
-      qkv=tuple(dense([f"qkv/{k}"], weights.qkv[k]) for k in blocks),
-      qkv_norm=ct_norms[0], attention_norm=ct_norms[1], mlp_norm=ct_norms[2],
-      mlp=tuple(dense([f"mlp/{k}/{i}" for k in blocks], layer)
-                for i, layer in enumerate(weights.mlp)),
-      memory_to_gates=(None if cfg.gate_style is None else dense(
-          ["memory_to_gates"], weights.memory_to_gates)))
+  grad = lambda keys, layer: _dense_grad(layer_inputs, ct_taps, keys, layer)
+  return (tuple(grad([f"qkv/{k}"], qkv[k]) for k in blocks),
+          tuple(grad([f"mlp/{k}/{i}" for k in blocks], layer)
+                for i, layer in enumerate(mlp)),
+          None if memory_to_gates is None else grad(["memory_to_gates"],
+                                                    memory_to_gates))

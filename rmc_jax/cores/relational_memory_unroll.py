@@ -77,10 +77,6 @@ def _step_fn(cfg, w, memory, x, gates_in, taps, norms):
   return next_memory, layer_inputs
 
 
-def _first(tree):
-  return jax.tree.map(lambda a: a[0], tree)
-
-
 def _zero_taps(cfg, w, memory, x, gates_in) -> dict[str, jax.Array]:
   outputs = jax.eval_shape(lambda *a: step(cfg, *a)[3], w, memory, x, gates_in)
   return {k: jnp.zeros(s.shape, s.dtype) for k, s in outputs.items()}
@@ -137,7 +133,7 @@ def _unroll_fwd(cfg, recompute, weights, x_TBnF, gates_in_TB2G, memory_BNF):
     return memories, (weights, x_TBnF, gates_in_TB2G, memory_BNF, memories,
                       None)
   w = cast_weights(weights, cfg.compute_dtype)
-  first = (memory_BNF, x_TBnF[0], _first(gates_in_TB2G))
+  first = (memory_BNF, x_TBnF[0], _at(gates_in_TB2G, 0))
   taps = _zero_taps(cfg, w, *first)
   layout = _layout(cfg, w, *first, taps)
 
@@ -159,7 +155,7 @@ def _unroll_bwd(cfg, recompute, residuals, ct_memories_TBNF):
   weights, x_TBnF, gates_in_TB2G, memory_BNF, memories_TBNF, stored = (
       residuals)
   w = cast_weights(weights, cfg.compute_dtype)
-  first = (memory_BNF, x_TBnF[0], _first(gates_in_TB2G))
+  first = (memory_BNF, x_TBnF[0], _at(gates_in_TB2G, 0))
   taps = _zero_taps(cfg, w, *first)
 
   if recompute:

@@ -177,7 +177,7 @@ class RelationalMemory(hk.RNNCore):
         Parameters and the memory state stay float32; LayerNorm and softmax
         always run in float32.
       remat: in the backward pass of `unroll`, recompute each step's forward
-        instead of storing its activations: less memory (0.15-0.35x of
+        instead of storing its activations: less memory (0.13-0.31x of
         storing), one more forward pass of compute (and of weight reads).
         Storing is faster where the weights are large (the paper's LM core);
         recomputing is faster on small cores with many slots on a CPU
@@ -296,8 +296,8 @@ class RelationalMemory(hk.RNNCore):
     (the input projection and its gate contribution) is computed for all
     steps in one batched matmul before the scan, and the scan has a custom
     VJP (`relational_memory_unroll`): its reverse pass propagates activation
-    gradients only and the weight gradients of the layers inside the
-    recurrence are single matmuls over all steps after it.
+    gradients only, and the weight gradients of the layers inside the
+    recurrence are large matmuls over chunks of many steps.
 
     Args:
       inputs: time-major [T, B, ...] (or [T, B, n, ...] with

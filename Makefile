@@ -20,7 +20,7 @@ $(STAMP): requirements.txt setup.py
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 tests
 
-NTH := $(PY) -m launch.train_nth_farthest --config=launch/configs/nth_farthest.py:cpu
+NTH := $(PY) -m launch.train --config=nth_farthest:cpu
 
 demo: $(STAMP)
 	$(NTH) --config.core=rmc --workdir=$(WORKDIR)/rmc

@@ -9,7 +9,9 @@ setuptools.setup(
                  "with launchers for the paper's experiments."),
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    packages=setuptools.find_packages(include=["rmc_jax", "rmc_jax.*"]),
+    # The library and its command-line entry points (`python -m launch.train`).
+    packages=setuptools.find_packages(include=["rmc_jax", "rmc_jax.*",
+                                               "launch"]),
     python_requires=">=3.11",
     install_requires=[
         "jax>=0.10.2",

@@ -1,9 +1,10 @@
 r"""Training throughput and memory of the word-level language model.
 
-Times the training loop's own jitted step (forward, backward, gradient
-clipping and the Adam update, with the recurrent state carried from step to
-step: `rmc_jax.training.loop._make_train_step`) for the RMC and the LSTM at
-the model sizes of `launch/configs/lm.py`:
+Times the training stack's jitted step (`rmc_jax.training.steps.
+make_train_step`: forward, backward, gradient clipping and the Adam update,
+with the recurrent state carried from step to step) of the LM experiment's
+own Task (`rmc_jax.experiments.lm.build_task`) for the RMC and the LSTM at
+the model sizes of the `lm` experiment's variants:
 
   small:       WikiText-2 sized: vocabulary 33,278, embedding 256, adaptive
                softmax cutoffs (2000, 10000); RMC 1 x 4 x 128, 3 MLP layers;
@@ -13,10 +14,10 @@ the model sizes of `launch/configs/lm.py`:
                2048. Default batch 64 per device x unroll 100.
 
 The model is the library's LanguageModel built from the config (dropout as
-configured, so the small variant's 0.25 dropout is on); the batches are
-uniformly random token ids of the full vocabulary (no corpus is read), with
-the lanes continuing from one step to the next ('reset' False after the
-first). Reported per configuration: parameters, median seconds per step over
+configured, so the small variant's 0.25 dropout is on); the batches come from
+the LM's truncated-BPTT batcher over a stream of uniformly random token ids
+of the full vocabulary (no corpus is read); the timed steps read one batch of
+continuing lanes ('reset' False). Reported per configuration: parameters, median seconds per step over
 `--repeats` timed steps after `--warmup` untimed ones, tokens/s (= B x T /
 median), XLA's memory analysis of the compiled step (arguments, outputs,
 temporaries, and the bytes aliased by buffer donation) and the process's peak
@@ -46,10 +47,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from launch.configs import lm as lm_configs
-from rmc_jax.lm import task as lm_task
-from rmc_jax.training import config as config_lib
-from rmc_jax.training import loop
+from rmc_jax.experiments import lm
+from rmc_jax.lm import batcher as batcher_lib
+from rmc_jax.training import steps
 from rmc_jax.training.mesh import DataMesh
 
 SIZES = {
@@ -77,38 +77,10 @@ _COMPILE_ONLY = flags.DEFINE_bool(
 _JSON = flags.DEFINE_string("json", None, "Also write the results here.")
 
 
-def make_task(config, vocab_size: int, batches: list[dict]) -> loop.Task:
-  """The LM Task of `lm_task.make_setup` on given batches (no corpus)."""
-
-  def forward(batch, state, is_training):
-    lm = lm_task.model_fn(config, vocab_size)
-    return lm(batch["inputs"], batch["targets"], batch["reset"], state,
-              is_training)
-
-  def initial_state(batch_size):
-    return lm_task.model_fn(config, vocab_size).initial_state(batch_size)
-
-  model = hk.transform(forward)
-  init_carry = lambda b: hk.transform(initial_state).apply({}, None, b)
-
-  def init(rng, batch):
-    return model.init(rng, batch, init_carry(batch["inputs"].shape[0]), True)
-
-  def loss(params, carry, rng, batch):
-    nll_BT, carry = model.apply(params, rng, batch, carry, True)
-    mask = batch["mask"]
-    return (nll_BT * mask).sum() / jnp.maximum(mask.sum(), 1.0), ({}, carry)
-
-  return loop.Task(init=init, loss=loss, train_iterator=iter(batches),
-                   init_carry=init_carry)
-
-
-def random_batch(rng: np.random.Generator, vocab_size: int, batch_size: int,
-                 unroll: int, reset: bool) -> dict[str, np.ndarray]:
-  tokens = rng.integers(0, vocab_size, (batch_size, unroll + 1), np.int32)
-  return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
-          "mask": np.ones((batch_size, unroll), np.float32),
-          "reset": np.full((batch_size,), reset)}
+def random_tokens(rng: np.random.Generator, vocab_size: int, batch_size: int,
+                  unroll: int) -> np.ndarray:
+  """A uniformly random token stream long enough for a few steps per lane."""
+  return rng.integers(0, vocab_size, batch_size * unroll * 4 + 1, np.int32)
 
 
 def peak_rss_bytes() -> int:
@@ -119,7 +91,7 @@ def peak_rss_bytes() -> int:
 def time_config(size: str, core: str, mesh: DataMesh) -> dict:
   variant, vocab_size, per_device = SIZES[size]
   vocab_size = _VOCAB.value or vocab_size
-  config = lm_configs.get_config(variant)
+  config = lm.get_config(variant)
   config.core = core
   config.seed = _SEED.value
   config.batch_size = _BATCH.value or per_device * mesh.num_devices
@@ -127,23 +99,17 @@ def time_config(size: str, core: str, mesh: DataMesh) -> dict:
   mesh.check_batch_size(config.batch_size, "--batch_size")
   b, t = config.batch_size, config.unroll_length
 
-  rng = np.random.default_rng(_SEED.value)
-  first = random_batch(rng, vocab_size, b, t, reset=True)
-  batch = random_batch(rng, vocab_size, b, t, reset=False)
-  task = make_task(config, vocab_size, [first])
-  optimizer, schedule = config_lib.make_optimizer(config)
-
-  # The loop's own state, shardings and jitted step (see loop.train).
-  # pylint: disable=protected-access
+  # The experiment's own Task on a random stream, and the training stack's
+  # state and jitted step (what loop.train runs).
+  tokens = random_tokens(np.random.default_rng(_SEED.value), vocab_size, b, t)
+  task = lm.build_task(config, vocab_size,
+                       batcher_lib.TBPTTBatcher(tokens, b, t))
   start = time.perf_counter()
-  state = loop._init_state(task, config, optimizer, mesh, first)
-  shardings = loop._state_shardings(state, mesh)
-  state = jax.device_put(state, shardings)
-  num_params = loop.count_params(state.params)
-  train_step = loop._make_train_step(task, optimizer, schedule, shardings,
-                                     mesh)
-  # pylint: enable=protected-access
-  first, batch = mesh.shard_batch(first), mesh.shard_batch(batch)
+  state = steps.init_train_state(task, config, mesh)
+  num_params = steps.count_params(state.params)
+  train_step = steps.make_train_step(task, config, mesh, state)
+  first = mesh.shard_batch(next(task.train_iterator))
+  batch = mesh.shard_batch(next(task.train_iterator))
   compiled = train_step.lower(state, batch).compile()
   init_and_compile_seconds = time.perf_counter() - start
   memory = compiled.memory_analysis()

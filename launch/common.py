@@ -1,132 +1,68 @@
-"""What every launcher does around the training loop.
+"""What the launchers share: the `--config` flag and one-line failures.
 
-Validates the config (a bad value is one line on stderr and exit code 2),
-initialises multi-host JAX on `--distributed`, builds the task, trains, and
-turns a non-finite loss into a one-line error with exit code 1.
+`--config=NAME:VARIANT` names an experiment of `rmc_jax.experiments` (e.g.
+`nth_farthest:cpu`); `--config=FILE.py[:VARIANT]` a config file. Fields are
+overridden with `--config.field=value` (nested: `--config.rmc.head_size=16`).
+A bad value is one line on stderr and exit code 2.
 """
 
 from __future__ import annotations
 
-import json
-import logging as py_logging
 import sys
-from typing import Any, Callable
 
 from absl import flags
-from absl import logging
-import jax
-import ml_collections
 from ml_collections import config_flags
 
-from rmc_jax.training import config as config_lib
-from rmc_jax.training.config import ConfigError
-from rmc_jax.training.loop import NonFiniteLossError, Task, evaluate_checkpoint, train
-from rmc_jax.training.mesh import DataMesh
+from rmc_jax import experiments
 
-__all__ = ["ConfigError", "run"]
-
-_DISTRIBUTED = flags.DEFINE_bool(
-    "distributed", False,
-    "Call jax.distributed.initialize() first (one process per host; "
-    "coordinator and process ids come from the cluster environment).")
+_CONFIG_PREFIX = "--config="
 
 
-def run(make_task: Callable[[], Task], config: ml_collections.ConfigDict,
-        workdir: str,
-        validate: Callable[[ml_collections.ConfigDict], None] | None = None,
-        final_evals: Callable[[], dict[str, Any]] | None = None,
-        eval_only: bool = False) -> dict:
-  """Validates, builds the task, trains in `workdir`; exits on bad input.
-
-  `final_evals() -> {split: batches}` are evaluated on the last checkpoint
-  after training (e.g. the LM's test split). With `eval_only`, training is
-  skipped and the latest checkpoint is evaluated on the task's eval batches
-  and on `final_evals`.
-  """
-  if _DISTRIBUTED.value:
-    jax.distributed.initialize()
-  logging.set_verbosity(logging.INFO)
-  # Orbax narrates every save at INFO; keep its warnings, drop the rest.
-  logging.get_absl_handler().addFilter(
-      lambda r: r.levelno >= py_logging.WARNING or "/orbax/" not in r.pathname)
+def define_config_flag(default: str | None = None):
+  """The `--config` flag (see the module docstring), resolved by
+  `parse_flags`; `default` is a NAME:VARIANT or a file."""
   try:
-    config_lib.validate(config)
-    if validate is not None:
-      validate(config)
-    mesh = DataMesh()
-    mesh.check_batch_size(config.batch_size, "--config.batch_size")
-    if "eval_batch_size" in config:
-      mesh.check_batch_size(config.eval_batch_size, "--config.eval_batch_size")
-    task = make_task()
-    _check_model_builds(task)
-  except ValueError as e:  # ConfigError and the library's argument checks.
-    _fail(str(e), code=2)
-  summary = {}
-  if not eval_only:
-    try:
-      summary = train(task, config, workdir, mesh)
-    except NonFiniteLossError as e:
-      _fail(str(e), code=1)
-    if summary["status"] != "completed":
-      return summary
-  evals = dict(final_evals() if final_evals else {})
-  if eval_only:
-    evals = {"eval": task.eval_batches, **evals}
-  for split, batches in evals.items():
-    try:
-      summary[split] = evaluate_checkpoint(task, config, workdir, batches,
-                                           split, mesh)
-    except FileNotFoundError as e:
-      _fail(str(e), code=2)
-  if eval_only:
-    print(json.dumps(summary, indent=1, default=str))
-    return summary
-  if jax.process_index() == 0:
-    print(json.dumps({k: summary[k] for k in
-                      ("status", "step", "num_params", "steps_per_sec",
-                       "train", "eval", *evals) if k in summary},
-                     indent=1, default=str))
-  return summary
-
-
-def _check_model_builds(task: Task) -> None:
-  """Traces the model's init once (no compute), so that a bad core or model
-  argument is reported here as one line, before anything is written."""
-  position = task.train_iterator.get_state()
-  example = next(task.train_iterator)
-  task.train_iterator.set_state(position)
-  jax.eval_shape(task.init, jax.random.PRNGKey(0), example)
-
-
-def define_config_flag(default: str):
-  """`--config=FILE:VARIANT` with `--config.field=value` overrides.
-
-  ml_collections reads the overrides from sys.argv as soon as the flag is
-  defined; an unknown field then raises there, so it is reported here.
-  """
-  try:
+    resolved = experiments.config_file(default) if default else None
     return config_flags.DEFINE_config_file(
-        "config", default, "Config file and variant.", lock_config=True)
+        "config", resolved,
+        "NAME:VARIANT of an experiment (" + ", ".join(experiments.names())
+        + ") or FILE.py[:VARIANT].", lock_config=True)
   except (AttributeError, KeyError) as e:
     bad = [a.split("=")[0] for a in sys.argv[1:] if a.startswith("--config.")]
-    _fail(f"unknown config field {e} among {bad}; see the config file for the "
-          "fields.", code=2)
+    fail(f"unknown config field {e} among {bad}; see the experiment's "
+         "get_config for the fields.")
+  except ValueError as e:
+    fail(f"--config: {e}")
+
+
+def _resolve_config_args(argv: list[str]) -> list[str]:
+  """argv with `--config=NAME:VARIANT` (or `--config NAME:VARIANT`) turned
+  into the experiment module's file, as ml_collections reads it."""
+  out = list(argv)
+  for i, arg in enumerate(out):
+    if arg.startswith(_CONFIG_PREFIX):
+      out[i] = _CONFIG_PREFIX + experiments.config_file(
+          arg[len(_CONFIG_PREFIX):])
+    elif arg == "--config" and i + 1 < len(out):
+      out[i + 1] = experiments.config_file(out[i + 1])
+  return out
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-  """absl flag parsing that reports a bad `--config.*` override in one line.
+  """absl flag parsing that reports a bad `--config` in one line.
 
   Use as `app.run(main, flags_parser=common.parse_flags)`.
   """
   try:
-    return flags.FLAGS(argv)
+    return flags.FLAGS(_resolve_config_args(argv))
   except flags.Error as e:
-    _fail(str(e), code=2)
+    fail(str(e))
   except (AttributeError, KeyError, TypeError, ValueError) as e:
-    bad = [a for a in argv[1:] if a.startswith("--config.")]
-    _fail(f"bad config override among {bad}: {e}", code=2)
+    bad = [a for a in argv[1:] if a.startswith("--config")]
+    fail(f"bad --config among {bad}: {str(e).strip().splitlines()[-1]}")
 
 
-def _fail(message: str, code: int):
+def fail(message: str, code: int = 2):
+  """One line on stderr, then exit with `code` (2: bad input)."""
   print(f"error: {message}", file=sys.stderr)
   sys.exit(code)

@@ -16,7 +16,7 @@ import sys
 from absl import app
 from absl import flags
 
-from rmc_jax.training.metrics import load_run, series
+from rmc_jax.training.runs import read_history, series
 
 _WORKDIRS = flags.DEFINE_list("workdirs", None, "Run directories to compare.",
                               required=True)
@@ -71,7 +71,7 @@ def plot(runs: list[dict], out: str, metric: str, split: str = "eval") -> None:
 def main(argv):
   del argv
   try:
-    runs = [load_run(w) for w in _WORKDIRS.value]
+    runs = [read_history(w) for w in _WORKDIRS.value]
   except FileNotFoundError as e:
     print(f"error: --workdirs: {e}", file=sys.stderr)
     sys.exit(2)

@@ -56,52 +56,31 @@ from typing import Any, Callable
 from absl import app
 from absl import flags
 
-from rmc_jax.training.metrics import load_run
-from rmc_jax.training.metrics import series
+from rmc_jax import experiments
+from rmc_jax.training.runs import read_history
+from rmc_jax.training.runs import series
 
 DPI = 90
 MAX_PNG_BYTES = 200_000
 PAPER = "Santoro et al. (2018)"
 
-# -- The paper's numbers (full scale) ------------------------------------------
+# -- What each experiment contributes (its module's RESULTS) ------------------
 
-# Nth farthest, 8 objects x 16 features: held-out accuracy.
-PAPER_NTH = {"rmc": "~91%", "lstm": "< 30%", "dnc": "< 30%"}
-# Learn to Execute, Table 1: per-character accuracy (%).
-LTE_TASKS = ("Add", "Control", "Program", "Copy", "Reverse", "Double")
-PAPER_LTE = {
-    "LSTM": (99.8, 97.4, 66.1, 99.8, 99.7, 99.7),
-    "EntNet": (98.4, 98.0, 73.4, 91.8, 100.0, 62.3),
-    "DNC": (99.4, 83.8, 69.5, 100.0, 100.0, 100.0),
-    "RMC": (99.9, 99.6, 79.0, 100.0, 100.0, 99.8),
-}
-# Our config `task` -> the Table 1 column.
-LTE_TASK_COLUMN = {"addition": "Add", "control": "Control", "all": "Program",
-                   "program": "Program", "copy": "Copy", "reverse": "Reverse",
-                   "double": "Double"}
-# Table 2: perplexities (the paper gives only a test number for GigaWord).
-PAPER_LM_COLUMNS = ("WikiText-103 valid", "WikiText-103 test",
-                    "Gutenberg valid", "Gutenberg test", "GigaWord test")
-PAPER_LM = {
-    "LSTM (Rae et al., 2018)": (34.1, 34.3, 41.8, 45.5, 43.7),
-    "RMC": (30.8, 31.6, 39.2, 42.0, 38.3),
-}
-# RL: Mini PacMan mean episode return; BoxWorld % of levels solved.
-PAPER_RL = (
-    ("Mini PacMan, viewport (return)", "677", "550 (LSTM)"),
-    ("Mini PacMan, full observation (return)", "1159", "598 (LSTM)"),
-    ("BoxWorld (% levels solved)", "98%", "73% (ConvLSTM)"),
-)
-CORE_NAMES = {"rmc": "RMC", "lstm": "LSTM", "dnc": "DNC"}
+NTH = experiments.get("nth_farthest").RESULTS
+LTE = experiments.get("learn_to_execute").RESULTS
+LM = experiments.get("lm").RESULTS
+RL = experiments.get("rl").RESULTS
+CORE_NAMES = {"rmc": "RMC", "lstm": "LSTM", "dnc": "DNC",
+              "convlstm": "ConvLSTM"}
 
 DEFAULT_TITLES = {
-    "nth_farthest": "Nth farthest",
-    "learn_to_execute": "Learning to Execute",
-    "lm_wikitext2": "Language modelling: WikiText-2",
-    "lm_wikitext103": "Language modelling: WikiText-103",
-    "lm_synthetic": "Language modelling: synthetic corpus",
-    "rl": "Reinforcement learning",
-    "attention": "What the RMC attends to (Nth farthest)",
+    "nth_farthest": NTH.title,
+    "learn_to_execute": LTE.title,
+    "lm_wikitext2": f"{LM.title}: WikiText-2",
+    "lm_wikitext103": f"{LM.title}: WikiText-103",
+    "lm_synthetic": f"{LM.title}: synthetic corpus",
+    "rl": RL.title,
+    "attention": f"What the RMC attends to ({NTH.title})",
     "benchmarks": "Core throughput benchmarks",
 }
 
@@ -195,7 +174,7 @@ def load_runs(run_specs: dict, base_dir: str) -> tuple[list[dict], list[str]]:
   runs, missing = [], []
   for label, workdir in (run_specs or {}).items():
     try:
-      run = load_run(_resolve(workdir, base_dir))
+      run = read_history(_resolve(workdir, base_dir))
     except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError) as e:
       missing.append(f"{label}: {e}")
       continue
@@ -332,7 +311,7 @@ def _nth_block(ctx: Context, key: str, runs: list[dict], title: str) -> str:
   """Figure (held-out accuracy, training loss) and table of Nth-farthest runs."""
   plt = _pyplot()
   fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(9, 3.2))
-  drawn = _curves(ax_acc, runs, "eval", "accuracy", 100)
+  drawn = _curves(ax_acc, runs, NTH.split, NTH.metric, 100)
   drawn += _curves(ax_loss, runs, "train", "loss")
   sizes = {run["config"].get("num_objects") for run in runs}
   if len(sizes) == 1 and isinstance(next(iter(sizes)), int):
@@ -362,9 +341,9 @@ def _nth_block(ctx: Context, key: str, runs: list[dict], title: str) -> str:
     if cfg.get("objects_step") and cfg.get("min_objects"):
       task += f" (curriculum from {cfg['min_objects']})"
     core = run["summary"].get("core") or cfg.get("core")
-    rows.append(_common(run) + [task, _pct(final(run, "eval", "accuracy")),
+    rows.append(_common(run) + [task, _pct(final(run, NTH.split, NTH.metric)),
                                 _fmt(final(run, "eval", "loss"), ".4f")]
-                + _speed(run) + [PAPER_NTH.get(core, "n/a")])
+                + _speed(run) + [NTH.paper.get(core, "n/a")])
   header = (COMMON_HEADER + ["objects x features", "held-out accuracy",
                              "held-out loss"] + SPEED_HEADER
             + ["paper accuracy (8 x 16, full scale)"])
@@ -430,7 +409,7 @@ def render_learn_to_execute(ctx: Context, spec: dict) -> str:
     drawn = 0
     for ax, task in zip(axes[0], tasks):
       drawn += _curves(ax, [r for r in runs if _lte_task(r) == task], "eval",
-              "char_accuracy", 100)
+              LTE.metric, 100)
       _style(ax, "step", "held-out char accuracy (%)", task)
     fig.tight_layout()
     figure = ctx.save(fig, "learn_to_execute", title, drawn)
@@ -438,16 +417,16 @@ def render_learn_to_execute(ctx: Context, spec: dict) -> str:
     for run in sorted(runs, key=_lte_task):
       cfg = run["config"]
       task = _lte_task(run)
-      column = LTE_TASK_COLUMN.get(task)
-      paper = PAPER_LTE.get(_core(run))
-      paper_cell = (f"{paper[LTE_TASKS.index(column)]:.1f}%"
+      column = LTE.paper["task_column"].get(task)
+      paper = LTE.paper["rows"].get(_core(run))
+      paper_cell = (f"{paper[LTE.paper['columns'].index(column)]:.1f}%"
                     if column and paper else "n/a")
       size = (f"length {cfg.get('max_length', '?')}, nesting "
               f"{cfg.get('max_nesting', '?')}")
       decoder = ("?" if "teacher_forcing" not in cfg else
                  "teacher forcing" if cfg["teacher_forcing"] else "zero inputs")
       rows.append(_common(run) + [task, size, decoder,
-                                  _pct(final(run, "eval", "char_accuracy")),
+                                  _pct(final(run, LTE.split, LTE.metric)),
                                   _pct(final(run, "eval", "sequence_accuracy"))]
                   + _speed(run) + [paper_cell])
     header = (COMMON_HEADER + ["task", "difficulty", "decoder inputs",
@@ -460,18 +439,18 @@ def render_learn_to_execute(ctx: Context, spec: dict) -> str:
     parts.append("_No run of this section could be read._")
   parts += _missing_lines(missing)
   paper_rows = [[model] + [f"{v:.1f}" for v in values]
-                for model, values in PAPER_LTE.items()]
+                for model, values in LTE.paper["rows"].items()]
   parts += [f"Paper, {PAPER} Table 1 (full scale, per-character accuracy %, "
-            "not our runs):", md_table(["model", *LTE_TASKS], paper_rows),
+            "not our runs):", md_table(["model", *LTE.paper["columns"]], paper_rows),
             _notes(spec)]
   return "\n\n".join(p for p in parts if p)
 
 
 def _paper_lm_table() -> str:
   rows = [[model] + [_fmt(v, ".1f") for v in values]
-          for model, values in PAPER_LM.items()]
+          for model, values in LM.paper["rows"].items()]
   return (f"Paper, {PAPER} Table 2 (full scale, perplexity, not our runs):"
-          "\n\n" + md_table(["model", *PAPER_LM_COLUMNS], rows))
+          "\n\n" + md_table(["model", *LM.paper["columns"]], rows))
 
 
 def render_lm(ctx: Context, key: str, spec: dict) -> str:
@@ -489,11 +468,11 @@ def render_lm(ctx: Context, key: str, spec: dict) -> str:
   if runs:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.6, 3.4))
-    drawn = _curves(ax, runs, "eval", "perplexity")
+    drawn = _curves(ax, runs, "eval", LM.metric)
     if entropy is not None:
       ax.axhline(math.exp(entropy), color="gray", ls=":", lw=1,
                  label=f"floor exp(H) = {math.exp(entropy):.3f}")
-    if all(v > 0 for r in runs for v in series(r, "eval", "perplexity")[1]):
+    if all(v > 0 for r in runs for v in series(r, "eval", LM.metric)[1]):
       from matplotlib import ticker  # pylint: disable=g-import-not-at-top
       ax.set_yscale("log")
       low, high = ax.get_ylim()
@@ -511,8 +490,8 @@ def render_lm(ctx: Context, key: str, spec: dict) -> str:
       test_loss = final(run, "test", "loss")
       row = _common(run) + [
           str(run["config"].get("dataset", "?")),
-          _fmt(final(run, "eval", "perplexity"), ".2f"),
-          _fmt(final(run, "test", "perplexity"), ".2f"),
+          _fmt(final(run, "eval", LM.metric), ".2f"),
+          _fmt(final(run, LM.split, LM.metric), ".2f"),
           _fmt(test_loss, ".4f")]
       if entropy is not None:
         gap = _num(test_loss)
@@ -550,7 +529,7 @@ def mean_return(run: dict, last: int | None = None) -> float | None:
   if pairs and all(s is not None and e is not None for s, e in pairs):
     episodes = sum(e for _, e in pairs)
     return sum(s for s, _ in pairs) / episodes if episodes > 0 else None
-  values = [_num(r.get("episode_return")) for r in rows]
+  values = [_num(r.get(RL.metric)) for r in rows]
   values = [v for v in values if v is not None]
   return sum(values) / len(values) if values else None
 
@@ -571,7 +550,7 @@ def render_rl(ctx: Context, spec: dict, key: str = "rl") -> str:
   if runs:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.6, 3.4))
-    longest = max(len(series(r, "train", "episode_return")[0]) for r in runs)
+    longest = max(len(series(r, RL.split, RL.metric)[0]) for r in runs)
     width = max(1, longest // 20)
     drawn = 0
     for run in runs:
@@ -582,7 +561,7 @@ def render_rl(ctx: Context, spec: dict, key: str = "rl") -> str:
           ax.axhline(level, color="gray", ls="--", lw=1,
                      label=f"{run['label']} ({level:.3g})")
         continue
-      steps, values = series(run, "train", "episode_return")
+      steps, values = series(run, RL.split, RL.metric)
       if not steps:
         continue
       drawn += 1
@@ -623,7 +602,7 @@ def render_rl(ctx: Context, spec: dict, key: str = "rl") -> str:
   parts += [f"Paper, {PAPER} (full scale, not our runs; different "
             "environments and metrics from a small BoxWorld):",
             md_table(["environment", "RMC", "baseline"],
-                     [list(r) for r in PAPER_RL]), _notes(spec)]
+                     [list(r) for r in RL.paper["rows"]]), _notes(spec)]
   return "\n\n".join(p for p in parts if p)
 
 
@@ -714,7 +693,7 @@ def render_attention(ctx: Context, spec: dict) -> str:
   held_out = None
   if os.path.exists(summary_path):
     with open(summary_path, encoding="utf-8") as f:
-      held_out = (json.load(f).get("eval") or {}).get("accuracy")
+      held_out = (json.load(f).get(NTH.split) or {}).get(NTH.metric)
   parts += [
       _figure_link(path, "attention weights"),
       f"Attention weights of the trained RMC in `{spec['workdir']}` "

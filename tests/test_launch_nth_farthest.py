@@ -1,4 +1,4 @@
-"""Smoke tests of `python -m launch.train_nth_farthest`, run as a subprocess.
+"""Smoke tests of `python -m launch.train --config=nth_farthest:cpu`, run as a subprocess.
 
 One short run of a tiny RMC is shared by the tests that inspect its workdir;
 bad flag values must fail fast with one line on stderr naming the flag.
@@ -14,22 +14,21 @@ import struct
 import subprocess
 import sys
 
+import chex
 import haiku as hk
 import jax
 import numpy as np
 import pytest
 from tensorboardX.proto import event_pb2
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO_ROOT not in sys.path:  # `launch` is not an installed package.
-  sys.path.insert(0, REPO_ROOT)
-
-from launch.configs import nth_farthest as nth_configs  # pylint: disable=g-import-not-at-top
+from rmc_jax.experiments import nth_farthest as nth_experiment
 from rmc_jax.tasks import nth_farthest
 from rmc_jax.training import config as config_lib
+from rmc_jax.training import runs
+from rmc_jax.training import steps
 from rmc_jax.training.checkpoint import Checkpointer
-from rmc_jax.training.loop import TrainState
-from tests.helpers import TINY_NTH_FLAGS, subprocess_env
+from rmc_jax.training.mesh import DataMesh
+from tests.helpers import REPO_ROOT, TINY_NTH_FLAGS, subprocess_env
 
 NUM_STEPS = 4
 RUN_FLAGS = (
@@ -44,8 +43,8 @@ RUN_FLAGS = (
 def launch(workdir: str, *flags: str, num_devices: int | None = None,
            timeout: float = 300) -> subprocess.CompletedProcess:
   env = subprocess_env(num_devices)
-  cmd = [sys.executable, "-m", "launch.train_nth_farthest",
-         "--config=launch/configs/nth_farthest.py:cpu", f"--workdir={workdir}",
+  cmd = [sys.executable, "-m", "launch.train",
+         "--config=nth_farthest:cpu", f"--workdir={workdir}",
          *flags]
   return subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True,
                         text=True, timeout=timeout, check=False)
@@ -53,7 +52,7 @@ def launch(workdir: str, *flags: str, num_devices: int | None = None,
 
 def tiny_config():
   """The config RUN_FLAGS describe, built in-process."""
-  c = nth_configs.get_config("cpu")
+  c = nth_experiment.get_config("cpu")
   c.batch_size = 16
   c.num_objects = 3
   c.num_features = 2
@@ -155,23 +154,18 @@ def test_tensorboard_mirrors_metrics(run):
 def test_checkpoints_restore_and_eval_matches_them(run):
   workdir, _ = run
   config = tiny_config()
-  task = nth_farthest.make_task(config)
-  optimizer, _ = config_lib.make_optimizer(config)
-  example = task.train_iterator.batch_at(0)
-
-  def build():
-    params = task.init(jax.random.PRNGKey(0), example)
-    return (params, optimizer.init(params))
-
-  params_shape, opt_shape = jax.eval_shape(build)
-  target = TrainState(step=jax.ShapeDtypeStruct((), np.int32),
-                      params=params_shape, opt_state=opt_shape,
-                      rng=jax.ShapeDtypeStruct((2,), np.uint32), carry=())
+  target = steps.abstract_train_state(nth_experiment.make_task(config),
+                                      config, DataMesh())
   with Checkpointer(os.path.join(workdir, "checkpoints")) as ckpt:
     assert ckpt.all_steps() == [2, NUM_STEPS]
     state, iterator_state, step = ckpt.restore(target=target)
   assert step == NUM_STEPS and int(state.step) == NUM_STEPS
   assert iterator_state == {"seed": config.seed, "index": NUM_STEPS}
+  # The read-only loader gives the same parameters and the saved config.
+  run_ = runs.load_run(workdir)
+  assert run_.step == NUM_STEPS and run_.config.experiment == "nth_farthest"
+  assert run_.config.rmc.head_size == 8
+  chex.assert_trees_all_equal(run_.params, jax.device_get(state.params))
 
   # The eval row at the last step is the restored model on the held-out set,
   # recomputed here with NumPy's cross-entropy.

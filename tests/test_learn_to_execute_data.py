@@ -308,8 +308,8 @@ def test_batch_layout(task, length, nesting):
                                     lte.make_curriculum("mix", length,
                                                         nesting),
                                     return_text=True)
-  assert batch.tokens_in.shape == (t_in, 300)
-  assert batch.tokens_out.shape == batch.decoder_inputs.shape == (t_out, 300)
+  assert batch.tokens_in.shape == (300, t_in)
+  assert batch.tokens_out.shape == batch.decoder_inputs.shape == (300, t_out)
   for array in batch:
     assert array.dtype == np.int32
   assert batch.lengths_in.shape == batch.lengths_out.shape == (300,)
@@ -319,13 +319,13 @@ def test_batch_layout(task, length, nesting):
                                  batch.mask_in),
                                 (batch.tokens_out, batch.lengths_out,
                                  batch.mask_out)):
-    steps = np.arange(tokens.shape[0])[:, None]
-    padded = steps >= lengths[None, :]
+    steps = np.arange(tokens.shape[1])[None, :]
+    padded = steps >= lengths[:, None]
     assert np.all(tokens[padded] == lte.PAD_ID)
     assert np.all(tokens[~padded] != lte.PAD_ID)
     assert mask.dtype == np.float32 and np.array_equal(mask, ~padded)
-  assert np.all(batch.decoder_inputs[0] == lte.SOS_ID)
-  assert np.array_equal(batch.decoder_inputs[1:], batch.tokens_out[:-1])
+  assert np.all(batch.decoder_inputs[:, 0] == lte.SOS_ID)
+  assert np.array_equal(batch.decoder_inputs[:, 1:], batch.tokens_out[:, :-1])
   for i in range(300):
     assert lte.sample_text(batch, i) == pairs[i]
     assert len(pairs[i][0]) == batch.lengths_in[i]
@@ -355,7 +355,7 @@ def test_length_mask_with_jax():
   expected = lte.length_mask(lengths, 4)
   assert np.array_equal(np.asarray(lte.length_mask(jnp.asarray(lengths), 4)),
                         expected)
-  assert expected.tolist() == [[0, 1, 1], [0, 1, 1], [0, 0, 1], [0, 0, 1]]
+  assert expected.tolist() == [[0, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 1]]
 
 
 # -- Curricula -----------------------------------------------------------------
@@ -516,7 +516,7 @@ def test_naive_iterator_follows_level():
   assert all("(" not in p for p, _ in pairs)  # Level (1, 1): no nesting.
   assert all(len(x) == 1 for p, _ in pairs
              for x in re.findall(r"\d+", re.sub(r"\[\d\]", "", p)))
-  assert batch.tokens_in.shape == (lte.sequence_lengths("all", 3, 2)[0], 200)
+  assert batch.tokens_in.shape == (200, lte.sequence_lengths("all", 3, 2)[0])
   for _ in range(5):
     it.update_curriculum(0.3)
   assert it.curriculum.level == (2, 1)
@@ -527,13 +527,13 @@ def test_eval_batch():
   batch, pairs = it.eval_batch(2000, return_text=True)
   again = lte.eval_batch("ALG_CTRL", 5, 2, num_samples=2000, seed=0)
   _assert_same(batch, again)
-  assert batch.tokens_in.shape == (57, 2000)
+  assert batch.tokens_in.shape == (2000, 57)
   for program, target in pairs:  # Every sample at the maxima.
     assert program.count("(") == 1
     literals = re.findall(r"\d+", program)
     assert all(len(x) == 5 for x in literals)
     assert target == str(_evaluate(program) % 10**6)
-  assert not np.array_equal(batch.tokens_in[:, :128],
+  assert not np.array_equal(batch.tokens_in[:128],
                             it.batch_at(0).tokens_in)
 
 
@@ -547,4 +547,4 @@ def test_generation_speed_sanity():
       batch = next(it)
     per_batch_ms = (time.perf_counter() - start) / 3 * 1e3
     print(f"batch {batch_size}: {per_batch_ms:.1f} ms")
-    assert batch.tokens_in.shape == (57, batch_size)
+    assert batch.tokens_in.shape == (batch_size, 57)

@@ -1,4 +1,4 @@
-"""Tests of the Learning-to-Execute model, loss and Task."""
+"""Tests of the Learning-to-Execute model, loss and experiment Task."""
 
 import haiku as hk
 import jax
@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from launch.configs import learn_to_execute as lte_configs
+from rmc_jax.experiments import learn_to_execute as lte_experiment
 from rmc_jax.tasks import learn_to_execute as lte
 from rmc_jax.tasks import learn_to_execute_model as model_lib
 
@@ -50,7 +50,10 @@ def test_loss_and_metrics_against_numpy():
   logits[0, :, :] = -10.0
   logits[0, np.arange(t), targets[0]] = 10.0
   logits[0, 2, targets[0, 2]] = -20.0
-  batch = {"tokens_out": targets, "lengths_out": lengths}
+  unused = np.zeros((b, 1), np.int32)
+  batch = lte.LTEBatch(tokens_in=unused, tokens_out=targets,
+                       decoder_inputs=targets, lengths_in=lengths,
+                       lengths_out=lengths)
   loss, metrics = model_lib.loss_and_metrics(jnp.asarray(logits), batch)
 
   log_probs = logits.astype(np.float64)
@@ -73,7 +76,7 @@ def test_loss_and_metrics_against_numpy():
 
 
 def _tiny_config(core):
-  c = lte_configs.get_config("cpu")
+  c = lte_experiment.get_config("cpu")
   c.core = core
   c.batch_size = 32
   c.eval_samples = 64
@@ -86,7 +89,7 @@ def _tiny_config(core):
 
 def test_tiny_model_loss_falls_on_addition():
   config = _tiny_config("lstm")
-  task = model_lib.make_task(config)
+  task = lte_experiment.make_task(config)
   batch = next(task.train_iterator)
   params = task.init(jax.random.PRNGKey(0), batch)
   opt = optax.adam(3e-3)
@@ -105,7 +108,7 @@ def test_tiny_model_loss_falls_on_addition():
                                    next(task.train_iterator))
     losses.append(float(loss))
   assert np.mean(losses[-10:]) < 0.8 * np.mean(losses[:5]), losses
-  metrics, _ = task.evaluate(params, (), task.eval_batches[0])
+  metrics, _ = task.evaluate(params, (), task.eval_splits["eval"][0])
   assert set(metrics) == {"loss", "char_accuracy", "sequence_accuracy"}
 
 
@@ -115,12 +118,12 @@ def test_teacher_forcing_feeds_the_shifted_targets():
   for tf in (False, True):
     config = _tiny_config("lstm")
     config.teacher_forcing = tf
-    task = model_lib.make_task(config)
+    task = lte_experiment.make_task(config)
     batch = next(task.train_iterator)
     model = hk.transform(lambda b: model_lib.forward(
         b, "lstm", {"hidden_sizes": (16,)}, (8,), tf))
     params = model.init(jax.random.PRNGKey(0), batch)
-    changed = dict(batch, decoder_inputs=(batch["decoder_inputs"] + 1) % 40)
+    changed = batch._replace(decoder_inputs=(batch.decoder_inputs + 1) % 40)
     outputs[tf] = np.abs(model.apply(params, None, batch)
                          - model.apply(params, None, changed)).max()
   assert outputs[False] == 0.0
@@ -131,7 +134,7 @@ def test_observe_advances_the_curriculum():
   config = _tiny_config("lstm")
   config.curriculum = "naive"
   config.curriculum_min_tries = 5
-  task = model_lib.make_task(config)
+  task = lte_experiment.make_task(config)
   level = lambda: (task.train_iterator.get_state()["curriculum"]["length"],
                    task.train_iterator.get_state()["curriculum"]["nesting"])
   assert level() == (1, 1)

@@ -1,6 +1,7 @@
 """Tests for the word-level language model: model, Task, loop, launchers.
 
-Covers what rmc_jax.lm documents and launch/train_lm promises:
+Covers what rmc_jax.lm and rmc_jax.experiments.lm document and the launchers
+promise:
 
   1. the recurrent state is carried across truncated-BPTT segments (segment 1
      then segment 2 with the carry == one segment of twice the length), and
@@ -13,7 +14,7 @@ Covers what rmc_jax.lm documents and launch/train_lm promises:
   5. a briefly trained LM gets close to the synthetic corpus's entropy rate;
   6. the adaptive softmax and tied embeddings train through the LM;
   7. bad launcher input is one 'error:' line naming the flag or file;
-  8. launch/train_lm + launch/sample_lm run end to end.
+  8. launch.train (--config=lm:...) + launch.sample_lm run end to end.
 
 References are independent of the code under test where it matters: the
 token-by-token reference uses `next_token_log_probs` (the core's one-step
@@ -30,6 +31,7 @@ import os
 import re
 import subprocess
 import sys
+import types
 
 import haiku as hk
 import jax
@@ -37,20 +39,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO_ROOT not in sys.path:  # `launch` is not an installed package.
-  sys.path.insert(0, REPO_ROOT)
-
-from launch.configs import lm as lm_configs  # pylint: disable=g-import-not-at-top
+from rmc_jax.experiments import lm as lm_experiment
 from rmc_jax.lm import batcher as batcher_lib
 from rmc_jax.lm import synthetic
-from rmc_jax.lm import task as lm_task
-from rmc_jax.training import config as config_lib
+from rmc_jax.lm import sampling
 from rmc_jax.training import loop
-from rmc_jax.training import metrics as metrics_lib
+from rmc_jax.training import runs
+from rmc_jax.training import steps
 from rmc_jax.training.checkpoint import Checkpointer
 from rmc_jax.training.mesh import DataMesh
-from tests.helpers import subprocess_env
+from tests.helpers import REPO_ROOT, subprocess_env
 
 # A small synthetic source: 16 words, bigram (order 1), 2 successors per
 # context. Its entropy rate is about 0.522 nats/token.
@@ -60,7 +58,7 @@ SOURCE = dict(num_words=16, order=1, branching=2, eos_prob=0.05, seed=0)
 def tiny_config(cache_dir, core: str = "lstm", train_tokens: int = 2_000,
                 valid_tokens: int = 300, test_tokens: int = 300, **overrides):
   """The launcher's synthetic variant shrunk to a model that compiles fast."""
-  c = lm_configs.get_config("synthetic")
+  c = lm_experiment.get_config("synthetic")
   c.core = core
   c.cache_dir = str(cache_dir)
   c.reader_options = dict(SOURCE, train_tokens=train_tokens,
@@ -84,16 +82,16 @@ class Fns:
   def __init__(self, config, vocab_size: int):
 
     def forward(batch, state):
-      lm = lm_task.model_fn(config, vocab_size)
+      lm = lm_experiment.make_model(config, vocab_size)
       return lm(batch["inputs"], batch["targets"], batch["reset"], state,
                 False)
 
     def initial_state(batch_size):
-      return lm_task.model_fn(config, vocab_size).initial_state(batch_size)
+      return lm_experiment.make_model(config, vocab_size).initial_state(batch_size)
 
     def stream_nll(tokens_N):
       """Per-target NLL [N - 1] of one lane read token by token from scratch."""
-      lm = lm_task.model_fn(config, vocab_size)
+      lm = lm_experiment.make_model(config, vocab_size)
 
       def body(state, pair):
         token, target = pair
@@ -124,25 +122,23 @@ def max_abs_diff(a, b) -> float:
   return max(jax.tree.leaves(diffs), default=0.0)
 
 
-def restore_state(workdir: str, setup: lm_task.LMSetup, config, step: int):
-  """The TrainState saved at `step` (target built with jax.eval_shape)."""
-  optimizer, _ = config_lib.make_optimizer(config)
-  example = setup.task.train_iterator.batch_at(0, 0)
+def make_setup(config) -> types.SimpleNamespace:
+  """The experiment's Task and the corpus it reads."""
+  return types.SimpleNamespace(task=lm_experiment.make_task(config),
+                               corpus=lm_experiment.load_corpus(config))
 
-  def build():
-    params = setup.task.init(jax.random.PRNGKey(0), example)
-    return loop.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                           opt_state=optimizer.init(params),
-                           rng=jax.random.PRNGKey(0),
-                           carry=setup.task.init_carry(config.batch_size))
 
+def restore_state(workdir: str, setup, config, step: int,
+                  mesh: DataMesh | None = None):
+  """The TrainState saved at `step`, into the loop's abstract state."""
+  target = steps.abstract_train_state(setup.task, config, mesh or DataMesh())
   with Checkpointer(os.path.join(workdir, "checkpoints")) as ckpt:
-    state, _, _ = ckpt.restore(step, target=jax.eval_shape(build))
+    state, _, _ = ckpt.restore(step, target=target)
   return state
 
 
 def rows(workdir: str, split: str) -> list[dict]:
-  return [r for r in metrics_lib.read_jsonl(
+  return [r for r in runs.read_jsonl(
       os.path.join(workdir, "metrics.jsonl")) if r["split"] == split]
 
 
@@ -152,7 +148,7 @@ def rows(workdir: str, split: str) -> list[dict]:
 @pytest.mark.parametrize("core", ["lstm", "rmc"])
 def test_carry_then_segment_equals_one_long_segment(tmp_path, core):
   config = tiny_config(tmp_path, core)
-  setup = lm_task.make_setup(config)
+  setup = make_setup(config)
   fns = Fns(config, len(setup.corpus.vocab))
   b, t = config.batch_size, config.unroll_length
   batcher = setup.task.train_iterator
@@ -182,7 +178,7 @@ def test_carry_then_segment_equals_one_long_segment(tmp_path, core):
 
 def test_reset_flags_restart_their_lanes(tmp_path):
   config = tiny_config(tmp_path, "lstm")
-  setup = lm_task.make_setup(config)
+  setup = make_setup(config)
   fns = Fns(config, len(setup.corpus.vocab))
   batch = setup.task.train_iterator.batch_at(0, 1)
   params = setup.task.init(jax.random.PRNGKey(0), batch)
@@ -229,15 +225,15 @@ def trained(tmp_path_factory):
   config = tiny_config(tmp / "cache", "lstm", train_tokens=200,
                        valid_tokens=150, num_steps=3, checkpoint_every=1,
                        keep_checkpoints=3, learning_rate=1e-2)
-  corpus = lm_task.load(config)
+  corpus = lm_experiment.load_corpus(config)
   lane_len = (corpus.splits["train"].shape[0] - 1) // config.batch_size
   config.unroll_length = lane_len // 2  # Exactly 2 segments per epoch.
   num_targets = corpus.splits["valid"].shape[0] - 1
   config.eval_batch_size = next(b for b in (3, 5, 7) if num_targets % b)
-  setup = lm_task.make_setup(config)
+  setup = make_setup(config)
   assert setup.task.train_iterator.segments_in_epoch(0) == 2
   workdir = str(tmp / "run")
-  summary = loop.train(setup.task, config, workdir)
+  summary = loop.train(setup.task, config, workdir).summary
   assert summary["status"] == "completed" and summary["step"] == 3
   return dict(config=config, setup=setup, workdir=workdir, summary=summary,
               fns=Fns(config, len(setup.corpus.vocab)))
@@ -306,10 +302,8 @@ def test_evaluation_is_exact_per_token(trained):
 
   # One lane: the loop's evaluator equals reading the whole stream token by
   # token (T does not divide N - 1: the last segment is padded).
-  single = loop._Evaluator(  # pylint: disable=protected-access
-      setup.task, list(batcher_lib.EvalBatches(valid_N, 1,
-                                               config.unroll_length)),
-      DataMesh())(params)
+  single = steps.Evaluator(setup.task, DataMesh())(
+      params, batcher_lib.EvalBatches(valid_N, 1, config.unroll_length))
   single = setup.task.summarize(single)
   nll_N = np.asarray(fns.stream_nll(params, jnp.asarray(valid_N, jnp.int32)),
                      np.float64)
@@ -320,13 +314,15 @@ def test_evaluation_is_exact_per_token(trained):
 
   # B lanes with B not dividing N - 1 (short last lane, padded segments).
   b = config.eval_batch_size
-  batches = setup.task.eval_batches
+  batches = setup.task.eval_splits["eval"]
   assert batches.batch_size == b and num_targets % b
   masks = np.stack([batch["mask"] for batch in batches])
   assert masks.sum() == num_targets and (masks == 0).any()
   reference = lanes_reference(fns, params, valid_N, b)
-  lanes = loop.evaluate_checkpoint(setup.task, config, workdir, batches,
-                                   "valid_lanes")
+  lanes = loop.evaluate_and_record(setup.task, params, 3, workdir,
+                                   {"valid_lanes": batches},
+                                   DataMesh())["valid_lanes"]
+  assert rows(workdir, "valid_lanes")[-1]["loss"] == lanes["loss"]
   assert abs(lanes["loss"] - reference) <= 1e-5, (lanes, reference)
   # train() evaluated the same batches at its last step.
   assert abs(trained["summary"]["eval"]["loss"] - reference) <= 1e-5
@@ -351,10 +347,11 @@ def _multi_device_main(tmpdir: str) -> dict:
     config = tiny_config(os.path.join(tmpdir, "cache"), "lstm",
                          batch_size=16, eval_batch_size=8, num_steps=3,
                          eval_every=3, checkpoint_every=3)
-    setup = lm_task.make_setup(config)
+    setup = make_setup(config)
     workdir = os.path.join(tmpdir, f"devices{n}")
-    summary = loop.train(setup.task, config, workdir, DataMesh(devices[:n]))
-    state = restore_state(workdir, setup, config, 3)
+    summary = loop.train(setup.task, config, workdir,
+                         DataMesh(devices[:n])).summary
+    state = restore_state(workdir, setup, config, 3, DataMesh(devices[:n]))
     runs[n] = dict(
         summary=summary, state=state,
         train=[(r["step"], r["loss"], r["grad_norm"])
@@ -408,14 +405,14 @@ def test_lm_approaches_the_synthetic_entropy_rate(tmp_path):
                        eval_batch_size=32, unroll_length=20, num_steps=300,
                        learning_rate=1e-2, log_every=100)
   config.lstm.hidden_sizes = (32,)
-  setup = lm_task.make_setup(config)
-  entropy = setup.true_entropy
+  setup = make_setup(config)
+  entropy = lm_experiment.true_entropy(config)
   source = synthetic.MarkovSource(**SOURCE)
   assert entropy == pytest.approx(source.entropy_rate())
   workdir = str(tmp_path / "run")
-  loop.train(setup.task, config, workdir)
-  test = loop.evaluate_checkpoint(setup.task, config, workdir,
-                                  setup.test_batches, "test")
+  # train() ends by evaluating its final parameters on the test split.
+  test = loop.train(setup.task, config, workdir).summary["test"]
+  assert test["loss_above_entropy"] == pytest.approx(test["loss"] - entropy)
 
   # The true model's NLL on these very test targets (ids mapped back to the
   # source's): the finite-sample counterpart of the entropy rate.
@@ -444,10 +441,10 @@ def test_softmax_variants_train(tmp_path, variant):
   config = tiny_config(tmp_path / "cache", "lstm", batch_size=16,
                        eval_batch_size=16, unroll_length=10, num_steps=40,
                        learning_rate=1e-2, log_every=5, **overrides)
-  setup = lm_task.make_setup(config)
+  setup = make_setup(config)
   vocab_size = len(setup.corpus.vocab)
   workdir = str(tmp_path / "run")
-  summary = loop.train(setup.task, config, workdir)
+  summary = loop.train(setup.task, config, workdir).summary
   losses = [r["loss"] for r in rows(workdir, "train")]
   assert len(losses) == 8 and all(map(math.isfinite, losses))
   assert losses[-1] < losses[0] - 0.5, losses
@@ -468,7 +465,7 @@ def test_softmax_variants_train(tmp_path, variant):
                             fns.initial_state(config.batch_size))
 
     def one_step(tokens_B):
-      lm = lm_task.model_fn(config, vocab_size)
+      lm = lm_experiment.make_model(config, vocab_size)
       return lm.next_token_log_probs(tokens_B, lm.initial_state(
           tokens_B.shape[0]))[0]
 
@@ -495,7 +492,7 @@ def test_softmax_variants_train(tmp_path, variant):
 
 # -- 7. Bad launcher input -----------------------------------------------------
 
-SMALL = "--config=launch/configs/lm.py:small"
+SMALL = "--config=lm:small"
 SHORT_SYNTHETIC = "--config.reader_options.train_tokens=3000"
 FULL_SOFTMAX = ("--config.softmax=full", "--config.cutoffs=()")
 WIKI_LINES = " = Title = \n\n the cat sat on the mat . \n the dog sat . \n"
@@ -559,10 +556,12 @@ def bad_runs(tmp_path_factory):
   cases = _bad_input_cases(root)
   procs = {}
   for name, (flags, _) in cases.items():
+    if not any(f.startswith("--config=") for f in flags):
+      flags = ["--config=lm:synthetic", *flags]
     # --config=... must come before the --config.* overrides.
     flags = sorted(flags, key=lambda f: not f.startswith("--config="))
     workdir = os.path.join(root, "workdirs", name)
-    cmd = [sys.executable, "-m", "launch.train_lm", *flags,
+    cmd = [sys.executable, "-m", "launch.train", *flags,
            f"--config.cache_dir={os.path.join(root, 'cache')}",
            f"--workdir={workdir}"]
     procs[name] = (subprocess.Popen(cmd, cwd=REPO_ROOT, env=subprocess_env(),
@@ -623,19 +622,23 @@ def test_train_then_sample_launchers(tmp_path):
   workdir = str(tmp_path / "run")
   cache = f"--config.cache_dir={tmp_path / 'cache'}"
   proc = subprocess.run(
-      [sys.executable, "-m", "launch.train_lm", *LAUNCH_FLAGS, cache,
+      [sys.executable, "-m", "launch.train", "--config=lm:synthetic",
+       *LAUNCH_FLAGS, cache,
        f"--workdir={workdir}"], cwd=REPO_ROOT, env=subprocess_env(),
       capture_output=True, text=True, timeout=300, check=False)
   assert proc.returncode == 0, proc.stderr[-4000:]
   assert "Traceback" not in proc.stderr
-  match = re.search(r"synthetic corpus: true entropy ([\d.]+) nats/token; "
-                    r"model test loss ([\d.]+)", proc.stdout)
-  assert match, proc.stdout[-2000:]
+  printed = json.loads(proc.stdout)
   with open(os.path.join(workdir, "summary.json"), encoding="utf-8") as f:
     summary = json.load(f)
   assert summary["status"] == "completed" and summary["step"] == 20
-  assert summary["test"]["loss"] == pytest.approx(float(match[2]), abs=1e-4)
-  assert float(match[1]) < summary["test"]["loss"] < 4.0
+  assert printed["test"] == summary["test"]
+  test = summary["test"]
+  entropy = test["loss"] - test["loss_above_entropy"]
+  assert entropy == pytest.approx(synthetic.MarkovSource(
+      num_words=32, order=2, branching=3, eos_prob=0.05,
+      seed=0).entropy_rate(), rel=1e-6)
+  assert entropy < test["loss"] < 4.0
 
   length = 12
   proc = subprocess.run(
@@ -658,18 +661,19 @@ def test_train_then_sample_launchers(tmp_path):
 
 def test_top1_sampling_is_greedy(tmp_path):
   config = tiny_config(tmp_path, "lstm")
-  setup = lm_task.make_setup(config)
+  setup = make_setup(config)
   vocab_size = len(setup.corpus.vocab)
   params = setup.task.init(jax.random.PRNGKey(0),
                            setup.task.train_iterator.batch_at(0, 0))
   prompt = np.asarray(setup.corpus.splits["valid"][:5], np.int32)
-  out = lm_task.sample(params, config, vocab_size, prompt, length=8, top_k=1,
-                       seed=3)
+  out = sampling.sample(params,
+                        lambda: lm_experiment.make_model(config, vocab_size),
+                        prompt, length=8, top_k=1, seed=3)
 
   # Greedy decoding written independently: read the prompt, then feed back
   # the argmax, all in one jitted scan.
   def greedy(prompt_P):
-    lm = lm_task.model_fn(config, vocab_size)
+    lm = lm_experiment.make_model(config, vocab_size)
 
     def read(state, token):
       log_probs, state = lm.next_token_log_probs(token[None], state)

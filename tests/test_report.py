@@ -23,8 +23,8 @@ if REPO_ROOT not in sys.path:  # `launch` is not an installed package.
 from launch import report  # pylint: disable=g-import-not-at-top
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-NTH_COMMAND = "python -m launch.train_nth_farthest --config.core=rmc --fake"
-LM_COMMAND = "python -m launch.train_lm --config.core=lstm --fake"
+NTH_COMMAND = "python -m launch.train --config=nth_farthest:cpu --config.core=rmc --fake"
+LM_COMMAND = "python -m launch.train --config=lm:synthetic --config.core=lstm --fake"
 
 
 def _write_run(workdir, config, rows, summary):
@@ -122,23 +122,51 @@ def test_page_has_sections_and_provenance(rendered):
   assert "Missing run, left out: DNC" in text
 
 
+def parse_tables(text: str) -> list[list[dict[str, str]]]:
+  """Every markdown table of `text` as a list of {header: cell} rows."""
+  tables, block = [], []
+  for line in text.splitlines() + [""]:
+    if line.startswith("|"):
+      block.append([c.strip() for c in line.strip().strip("|").split("|")])
+      continue
+    if len(block) >= 2:
+      header, rows = block[0], block[2:]
+      tables.append([dict(zip(header, row)) for row in rows])
+    block = []
+  return tables
+
+
+def find_row(text: str, **cells: str) -> dict[str, str]:
+  """The one table row whose cells include `cells` (keys: headers)."""
+  matches = [row for table in parse_tables(text) for row in table
+             if all(row.get(k) == v for k, v in cells.items())]
+  assert len(matches) == 1, (cells, matches)
+  return matches[0]
+
+
 def test_tables_hold_the_fake_numbers(rendered):
   _, text = rendered
-  lines = text.splitlines()
-  rmc = next(l for l in lines if l.startswith("| RMC | RMC | 123,456 |"))
-  assert "| 300 | 7 | 3 x 2 |" in rmc and "87.5%" in rmc
-  assert "| 12.5 |" in rmc and "95 s" in rmc and "~91%" in rmc
-  lstm = next(l for l in lines if l.startswith("| LSTM | LSTM | 654,321 |"))
-  assert "42.5%" in lstm and "< 30%" in lstm
-  lm = next(l for l in lines if l.startswith("| RMC | RMC | 4,321 |"))
-  assert "| 3.50 | 3.21 |" in lm and "1.1663" in lm  # valid, test, test loss
-  assert "+0.1663" in lm  # test loss minus the true entropy (1 nat)
-  assert "66.7 min" in lm and "| 777 |" in lm
-  unfinished = next(l for l in lines if l.startswith("| LSTM | LSTM |"
-                                                     " ? | 100"))
-  assert "in progress" in unfinished
+  rmc = find_row(text, run="RMC", parameters="123,456")
+  assert rmc["steps"] == "300" and rmc["seed"] == "7"
+  assert rmc["objects x features"] == "3 x 2"
+  assert rmc["held-out accuracy"] == "87.5%"
+  assert rmc["steps/s (avg)"] == "12.5" and rmc["wall time"] == "95 s"
+  assert rmc["paper accuracy (8 x 16, full scale)"] == "~91%"
+  lstm = find_row(text, run="LSTM", parameters="654,321")
+  assert lstm["held-out accuracy"] == "42.5%"
+  assert lstm["paper accuracy (8 x 16, full scale)"] == "< 30%"
+  lm = find_row(text, run="RMC", parameters="4,321")
+  assert lm["valid perplexity"] == "3.50" and lm["test perplexity"] == "3.21"
+  assert lm["test loss (nats/token)"] == "1.1663"
+  assert lm["test loss - entropy"] == "+0.1663"  # The true entropy is 1 nat.
+  assert lm["wall time"] == "66.7 min"
+  assert lm["tokens/s (last window)"] == "777"
+  unfinished = find_row(text, run="LSTM", parameters="?")
+  assert "in progress" in unfinished["steps"]
   # The paper's numbers are there, marked as the paper's.
-  assert "Table 2 (full scale" in text and "| 30.8 | 31.6 |" in text
+  assert "Table 2 (full scale" in text
+  paper = find_row(text, model="RMC", **{"WikiText-103 valid": "30.8"})
+  assert paper["WikiText-103 test"] == "31.6"
 
 
 def test_figures_are_small_pngs(rendered):
@@ -192,4 +220,6 @@ def test_runs_without_points_give_no_figure(tmp_path):
   text, figures = report.build_report(
       {"rl": {"runs": {"RMC": str(tmp_path / "rl")}}}, str(out))
   assert figures == [] and "_No figure" in text
-  assert "| RMC | RMC | ? | ? (in progress: no summary.json) | 1 | box |" in text
+  row = find_row(text, run="RMC", core="RMC")
+  assert row["parameters"] == "?" and row["seed"] == "1"
+  assert row["steps"] == "? (in progress: no summary.json)"

@@ -29,22 +29,20 @@ import numpy as np
 import optax
 import pytest
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO_ROOT not in sys.path:  # `launch` is not an installed package.
-  sys.path.insert(0, REPO_ROOT)
 
-from launch.configs import nth_farthest as nth_configs  # pylint: disable=g-import-not-at-top
+from rmc_jax.experiments import nth_farthest as nth_experiment
 from rmc_jax.tasks import nth_farthest
 from rmc_jax.training import config as config_lib
 from rmc_jax.training import loop
-from rmc_jax.training import metrics as metrics_lib
+from rmc_jax.training import runs
+from rmc_jax.training import steps
 from rmc_jax.training.checkpoint import Checkpointer
 from rmc_jax.training.mesh import DataMesh
-from tests.helpers import TINY_NTH_FLAGS, subprocess_env
+from tests.helpers import REPO_ROOT, TINY_NTH_FLAGS, subprocess_env
 
 def tiny_config(core: str = "rmc", **overrides):
   """The launcher's `cpu` variant shrunk to a model that compiles quickly."""
-  c = nth_configs.get_config("cpu")
+  c = nth_experiment.get_config("cpu")
   c.core = core
   c.batch_size = 16
   c.num_objects = 3
@@ -62,22 +60,10 @@ def tiny_config(core: str = "rmc", **overrides):
 
 
 def restore_checkpoint(workdir: str, config, step: int | None = None):
-  """(state, iterator_state, step) restored from WORKDIR/checkpoints.
-
-  The target is built the way `train` builds its state, with jax.eval_shape,
-  so nothing is compiled.
-  """
-  task = nth_farthest.make_task(config)
-  optimizer, _ = config_lib.make_optimizer(config)
-  example = task.train_iterator.batch_at(0)
-
-  def build():
-    params = task.init(jax.random.PRNGKey(0), example)
-    return loop.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                           opt_state=optimizer.init(params),
-                           rng=jax.random.PRNGKey(0), carry=())
-
-  target = jax.eval_shape(build)
+  """(state, iterator_state, step) restored from WORKDIR/checkpoints into the
+  abstract state the loop builds (nothing is computed)."""
+  target = steps.abstract_train_state(nth_experiment.make_task(config),
+                                      config, DataMesh())
   with Checkpointer(os.path.join(workdir, "checkpoints")) as ckpt:
     return ckpt.restore(step, target=target)
 
@@ -88,7 +74,7 @@ def checkpoint_steps(workdir: str) -> list[int]:
 
 
 def rows(workdir: str, split: str) -> list[dict]:
-  return [r for r in metrics_lib.read_jsonl(
+  return [r for r in runs.read_jsonl(
       os.path.join(workdir, "metrics.jsonl")) if r["split"] == split]
 
 
@@ -122,7 +108,7 @@ def _multi_device_main(tmpdir: str) -> dict:
 
   # Loss and gradients of one global batch, sharded over 8 devices or on 1.
   config = tiny_config("rmc")
-  task = nth_farthest.make_task(config)
+  task = nth_experiment.make_task(config)
   batch = task.train_iterator.batch_at(0)
   params = jax.jit(task.init)(jax.random.PRNGKey(1), batch)
   rng = jax.random.PRNGKey(2)
@@ -153,8 +139,8 @@ def _multi_device_main(tmpdir: str) -> dict:
     cfg = tiny_config("lstm", num_steps=4, log_every=1, checkpoint_every=2,
                       eval_every=2)
     workdir = os.path.join(tmpdir, f"devices{n}")
-    summary = loop.train(nth_farthest.make_task(cfg), cfg, workdir,
-                         DataMesh(devices[:n]))
+    summary = loop.train(nth_experiment.make_task(cfg), cfg, workdir,
+                         DataMesh(devices[:n])).summary
     state, iterator_state, step = restore_checkpoint(workdir, cfg)
     runs[n] = dict(summary=summary, state=state, step=step,
                    iterator_state=iterator_state,
@@ -185,7 +171,7 @@ def _multi_device_main(tmpdir: str) -> dict:
   bad = tiny_config("rmc", batch_size=12, num_steps=1)
   bad_workdir = os.path.join(tmpdir, "bad_batch")
   try:
-    loop.train(nth_farthest.make_task(bad), bad, bad_workdir, DataMesh(devices))
+    loop.train(nth_experiment.make_task(bad), bad, bad_workdir, DataMesh(devices))
   except ValueError as e:
     errors["train"] = str(e)
   out["errors"] = errors
@@ -261,7 +247,7 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
     cfg = tiny_config("lstm", num_steps=num_steps, log_every=1,
                       checkpoint_every=k)
     # A fresh task each time, as a relaunched process would build it.
-    return loop.train(nth_farthest.make_task(cfg), cfg, workdir)
+    return loop.train(nth_experiment.make_task(cfg), cfg, workdir).summary
 
   assert run(straight, 2 * k)["step"] == 2 * k
   assert run(resumed, k)["step"] == k
@@ -340,7 +326,7 @@ def test_non_finite_loss_stops_before_checkpointing_it(tmp_path):
   # checkpoint at step 9, so the error must find step 8 inside that window.
   cfg = tiny_config("lstm", num_steps=12, log_every=100, checkpoint_every=3,
                     eval_every=100)
-  task = nth_farthest.make_task(cfg)
+  task = nth_experiment.make_task(cfg)
   task.train_iterator = _PoisonedIterator(task.train_iterator, bad_index=7)
   with pytest.raises(loop.NonFiniteLossError) as info:
     loop.train(task, cfg, workdir)
@@ -371,8 +357,8 @@ def _has_train_row(path: str) -> bool:
 def test_sigterm_saves_a_restorable_checkpoint(tmp_path):
   workdir = str(tmp_path / "run")
   metrics_path = os.path.join(workdir, "metrics.jsonl")
-  cmd = [sys.executable, "-m", "launch.train_nth_farthest",
-         "--config=launch/configs/nth_farthest.py:cpu", f"--workdir={workdir}",
+  cmd = [sys.executable, "-m", "launch.train",
+         "--config=nth_farthest:cpu", f"--workdir={workdir}",
          "--config.num_steps=100000", "--config.log_every=2",
          "--config.eval_every=100000", "--config.checkpoint_every=100000",
          *TINY_NTH_FLAGS]
@@ -443,7 +429,8 @@ def test_sigterm_in_the_middle_of_a_step_still_saves(tmp_path):
   # Catches the signal should train() not handle it, instead of killing pytest.
   previous = signal.signal(signal.SIGTERM, lambda *_: received.append(1))
   try:
-    summary = loop.train(nth_farthest.make_task(cfg), cfg, workdir, mesh)
+    summary = loop.train(nth_experiment.make_task(cfg), cfg, workdir,
+                         mesh).summary
   finally:
     signal.signal(signal.SIGTERM, previous)
   assert mesh.sent == 1 and not received
@@ -466,7 +453,7 @@ def sonnet_learning_rate(t, lr, min_lr, decay_steps=10_000, rate=0.9):
 
 @pytest.mark.parametrize("min_lr", [8e-5, 0.0])
 def test_schedule_is_sonnets(min_lr):
-  config = config_lib.base_config()
+  config = config_lib.base_config("nth_farthest")
   config.learning_rate = 1e-4
   config.min_learning_rate = min_lr
   config.lr_decay_steps = 10_000
@@ -481,11 +468,11 @@ def test_schedule_is_sonnets(min_lr):
 
 
 def test_cpu_and_paper_schedules():
-  cpu = nth_configs.get_config("cpu")
+  cpu = nth_experiment.get_config("cpu")
   _, schedule = config_lib.make_optimizer(cpu)
   for t in (0, 100_000):
     assert float(schedule(t)) == pytest.approx(5e-4, rel=1e-6)
-  paper = nth_configs.get_config("paper")
+  paper = nth_experiment.get_config("paper")
   _, schedule = config_lib.make_optimizer(paper)
   for t in (0, 15_000, 40_000):
     assert float(schedule(t)) == pytest.approx(
@@ -493,7 +480,7 @@ def test_cpu_and_paper_schedules():
 
 
 def test_optimizer_steps_by_the_scheduled_learning_rate():
-  config = config_lib.base_config()
+  config = config_lib.base_config("nth_farthest")
   config.learning_rate = 1e-2
   config.min_learning_rate = 0.0
   config.lr_decay_steps = 10
@@ -514,7 +501,7 @@ def test_gradient_clipping_happens_before_adam():
   params = {"w": jnp.zeros(2)}
   grads = {"w": jnp.array([3.0, 4.0])}  # Global norm 5.
   for clip_norm, seen in ((1.0, [0.6, 0.8]), (0.0, [3.0, 4.0])):
-    config = config_lib.base_config()
+    config = config_lib.base_config("nth_farthest")
     config.grad_clip_norm = clip_norm
     optimizer, _ = config_lib.make_optimizer(config)
     _, state = optimizer.update(grads, optimizer.init(params), params)
@@ -531,7 +518,7 @@ def test_gradient_clipping_happens_before_adam():
     ("core", "bogus"),
 ])
 def test_validate_names_the_bad_field(field, value):
-  config = nth_configs.get_config("cpu")
+  config = nth_experiment.get_config("cpu")
   config_lib.validate(config)  # The shipped config is valid...
   config[field] = value
   with pytest.raises(config_lib.ConfigError, match=rf"--config\.{field}="):
@@ -541,7 +528,7 @@ def test_validate_names_the_bad_field(field, value):
 def test_validate_rejects_bad_learning_rates():
   for field, value in (("learning_rate", 0.0), ("min_learning_rate", -1.0),
                        ("grad_clip_norm", -1.0)):
-    config = config_lib.base_config()
+    config = config_lib.base_config("nth_farthest")
     config[field] = value
     with pytest.raises(config_lib.ConfigError, match=field):
       config_lib.validate(config)

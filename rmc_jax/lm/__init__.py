@@ -8,4 +8,6 @@ Submodules (import them directly; this package imports nothing eagerly):
   cache: `load_corpus`, the tokenised splits cached as verified int32 .npy files.
   batcher: truncated-BPTT training batches and exact evaluation batches.
   model, adaptive_softmax: the language model and its output layers.
+  sampling: text generation from a trained model.
+The Task that trains it is built by `rmc_jax.experiments.lm`.
 """

@@ -16,16 +16,15 @@ the V-trace recursion, so no value is bootstrapped across episodes.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from rmc_jax.rl import envs as envs_lib
 from rmc_jax.rl import vtrace
-from rmc_jax.rl.agent import make_actor_critic
-from rmc_jax.training.loop import Task
+from rmc_jax.rl.agent import ActorCriticFns
+from rmc_jax.training.task import Task
 
 
 class RolloutCarry(NamedTuple):
@@ -37,59 +36,26 @@ class RolloutCarry(NamedTuple):
   episode_return: jax.Array  # [B] return of the running episode so far.
 
 
-class _NullIterator:
-  """The loop expects host batches; RL makes its data in the jitted step."""
+def actor_critic_task(env: envs_lib.Environment, net: ActorCriticFns, *,
+                      batch_size: int, unroll_length: int, discount: float,
+                      baseline_cost: float, entropy_cost: float,
+                      random_policy: bool = False, env_seed: int = 1) -> Task:
+  """The Task of V-trace actor-critic training of `net` on `env`.
 
-  def __init__(self, batch_size: int):
-    self._batch = {"unused": np.zeros((batch_size,), np.int8)}
-    self._index = 0
-
-  def __iter__(self):
-    return self
-
-  def __next__(self):
-    self._index += 1
-    return self._batch
-
-  def get_state(self) -> dict:
-    return {"index": self._index}
-
-  def set_state(self, state: Mapping[str, Any]) -> None:
-    self._index = int(state["index"])
-
-
-def make_env(config: Any) -> envs_lib.Environment:
-  """The auto-resetting environment of a config (`env`, `env_kwargs`)."""
-  if config.env not in envs_lib.ENVIRONMENTS:
-    raise ValueError(f"--config.env={config.env!r}: expected one of "
-                     f"{sorted(envs_lib.ENVIRONMENTS)}.")
-  return envs_lib.AutoReset(
-      envs_lib.ENVIRONMENTS[config.env](**dict(config.env_kwargs)))
-
-
-def make_task(config: Any) -> Task:
-  """The RL Task for a launcher config (launch/configs/rl.py).
-
-  With `config.random_policy`, actions are uniform whatever the parameters:
-  the baseline every learning curve is compared with.
+  The Task has no host batches (its steps roll `batch_size` episodes of the
+  auto-resetting `env` forward in-graph) and no held-out evaluation: the
+  training returns are the learning curve. With `random_policy`, actions
+  are uniform whatever the parameters: the baseline every learning curve is
+  compared with. Episodes start from keys split from PRNGKey(env_seed).
   """
-  random_policy = config.random_policy
-  env = make_env(config)
-  obs_shape = env.observation_spec().shape
-  num_actions = env.action_spec().num_values
-  net = make_actor_critic(
-      obs_shape, num_actions, core_name=config.core,
-      core_kwargs=dict(config[config.core]),
-      conv_channels=tuple(config.conv_channels),
-      head_hidden=tuple(config.head_hidden))
-  batch_size, unroll = config.batch_size, config.unroll_length
+  unroll = unroll_length
 
   def init(rng, batch):
     del batch
     return net.init(rng)
 
   def init_carry(b):
-    keys = jax.random.split(jax.random.PRNGKey(config.seed + 1), b)
+    keys = jax.random.split(jax.random.PRNGKey(env_seed), b)
     env_state, timestep = jax.vmap(env.reset)(keys)
     core_state = net.initial_state({}, b)  # Parameter-free.
     return RolloutCarry(env_state, timestep, core_state, jnp.zeros((b,)))
@@ -121,7 +87,7 @@ def make_task(config: Any) -> Task:
     return jax.lax.stop_gradient(traj), carry
 
   def loss(params, carry: RolloutCarry, rng, batch):
-    del batch
+    del batch  # ()
     start_core_state = carry.core_state
     traj, carry = rollout(params, carry, rng)
     # Learner pass: the T rollout observations plus the next one (bootstrap).
@@ -133,8 +99,8 @@ def make_task(config: Any) -> Task:
     total, stats = vtrace.actor_critic_loss(
         logits[:-1], values[:-1], values[-1], traj["action"], traj["logits"],
         traj["reward"] * not_last, traj["discount"] * not_last,
-        discount=config.discount, baseline_cost=config.baseline_cost,
-        entropy_cost=config.entropy_cost, mask_TB=not_last)
+        discount=discount, baseline_cost=baseline_cost,
+        entropy_cost=entropy_cost, mask_TB=not_last)
     metrics = dict(entropy=stats["entropy"],
                    policy_loss=stats["policy_loss"],
                    baseline_loss=stats["baseline_loss"],
@@ -152,5 +118,5 @@ def make_task(config: Any) -> Task:
                                         * unroll)
     return metrics
 
-  return Task(init=init, loss=loss, train_iterator=_NullIterator(batch_size),
-              init_carry=init_carry, summarize=summarize)
+  return Task(init=init, loss=loss, init_carry=init_carry,
+              summarize=summarize)

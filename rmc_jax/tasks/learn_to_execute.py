@@ -1,7 +1,7 @@
 """Data for the "Learning to Execute" tasks (Zaremba & Sutskever, 2014).
 
 As used by Santoro et al. (2018) and the Sonnet v1 example generator
-(`sonnet/examples/learn_to_execute.py`; spec section 3.2). Only the data side
+(`sonnet/examples/learn_to_execute.py`). Only the data side
 lives here: programs, targets, tokens, curricula and a seeded, resumable
 batch iterator. The model and the launcher are elsewhere.
 
@@ -71,7 +71,8 @@ move like naive; per sample, uniform in [1, current length] and [1, current
 nesting]). See `Curriculum.update` for the rule that raises the level.
 
 Shape suffixes: B = batch, T = time step (T_in or T_out), N = nesting.
-Batches are time-major, like Sonnet's: `tokens_in` is [T_in, B].
+Batches are batch-major (`tokens_in` is [B, T_in]) from the generator to the
+model, which reads them time-major through the core.
 """
 
 from __future__ import annotations
@@ -392,23 +393,23 @@ def generate_code(rng: np.random.Generator, task: Any, length: int,
 
 
 def length_mask(lengths_B: Any, num_steps: int, dtype: Any = np.float32) -> Any:
-  """[T, B] mask, 1 where t < lengths_B[b], else 0, in `dtype`.
+  """[B, T] mask, 1 where t < lengths_B[b], else 0, in `dtype`.
 
   Works on NumPy and JAX arrays alike (also under `jax.jit`).
   """
-  steps_T1 = np.arange(num_steps)[:, None]
-  return (lengths_B[None, :] > steps_T1).astype(dtype)
+  steps_1T = np.arange(num_steps)[None, :]
+  return (lengths_B[:, None] > steps_1T).astype(dtype)
 
 
 class LTEBatch(NamedTuple):
-  """One time-major batch of token ids (all arrays int32).
+  """One batch-major batch of token ids (all arrays int32).
 
   Attributes:
-    tokens_in: [T_in, B] program characters, then PAD_ID from
+    tokens_in: [B, T_in] program characters, then PAD_ID from
       lengths_in[b] on.
-    tokens_out: [T_out, B] target characters, then PAD_ID from lengths_out[b]
+    tokens_out: [B, T_out] target characters, then PAD_ID from lengths_out[b]
       on.
-    decoder_inputs: [T_out, B] teacher-forcing inputs: SOS_ID at t = 0 and
+    decoder_inputs: [B, T_out] teacher-forcing inputs: SOS_ID at t = 0 and
       tokens_out[t - 1] at t >= 1 (padded targets shifted right; the last
       target token is dropped only when lengths_out[b] == T_out).
     lengths_in: [B] program lengths, in [1, T_in].
@@ -423,37 +424,36 @@ class LTEBatch(NamedTuple):
 
   @property
   def batch_size(self) -> int:
-    return self.tokens_in.shape[1]
+    return self.tokens_in.shape[0]
 
   @property
   def mask_in(self) -> np.ndarray:
-    """float32 [T_in, B]: 1 on program tokens, 0 on padding."""
-    return length_mask(self.lengths_in, self.tokens_in.shape[0])
+    """float32 [B, T_in]: 1 on program tokens, 0 on padding."""
+    return length_mask(self.lengths_in, self.tokens_in.shape[1])
 
   @property
   def mask_out(self) -> np.ndarray:
-    """float32 [T_out, B]: 1 on target tokens, 0 on padding."""
-    return length_mask(self.lengths_out, self.tokens_out.shape[0])
+    """float32 [B, T_out]: 1 on target tokens, 0 on padding."""
+    return length_mask(self.lengths_out, self.tokens_out.shape[1])
 
   def slice(self, start: int, stop: int) -> LTEBatch:
     """Samples [start, stop) of the batch (e.g. to evaluate in chunks)."""
-    return LTEBatch(self.tokens_in[:, start:stop],
-                    self.tokens_out[:, start:stop],
-                    self.decoder_inputs[:, start:stop],
+    return LTEBatch(self.tokens_in[start:stop],
+                    self.tokens_out[start:stop],
+                    self.decoder_inputs[start:stop],
                     self.lengths_in[start:stop], self.lengths_out[start:stop])
 
 
 def _pad_and_encode(texts: Sequence[str],
                     num_steps: int) -> tuple[np.ndarray, np.ndarray]:
-  """(tokens_TB int32 [T, B] padded with PAD_ID, lengths_B int32 [B])."""
+  """(tokens_BT int32 [B, T] padded with PAD_ID, lengths_B int32 [B])."""
   lengths_B = np.fromiter(map(len, texts), np.int32, len(texts))
   if lengths_B.size and lengths_B.max() > num_steps:
     b = int(lengths_B.argmax())
     raise ValueError(f"Token sequence is too large: {texts[b]!r} has "
                      f"{lengths_B[b]} tokens, num_steps is {num_steps}")
   ids = _text_to_ids("".join(t.ljust(num_steps, PAD) for t in texts))
-  tokens_TB = np.ascontiguousarray(ids.reshape(len(texts), num_steps).T)
-  return tokens_TB, lengths_B
+  return ids.reshape(len(texts), num_steps), lengths_B
 
 
 def encode_batch(pairs: Sequence[tuple[str, str]], num_steps: int,
@@ -471,16 +471,16 @@ def encode_batch(pairs: Sequence[tuple[str, str]], num_steps: int,
   tokens_out, lengths_out = _pad_and_encode([t for _, t in pairs],
                                             num_steps_out)
   decoder_inputs = np.empty_like(tokens_out)
-  decoder_inputs[0] = SOS_ID
-  decoder_inputs[1:] = tokens_out[:-1]
+  decoder_inputs[:, 0] = SOS_ID
+  decoder_inputs[:, 1:] = tokens_out[:, :-1]
   return LTEBatch(tokens_in, tokens_out, decoder_inputs, lengths_in,
                   lengths_out)
 
 
 def sample_text(batch: LTEBatch, i: int) -> tuple[str, str]:
   """(program_text, target_text) of sample i, decoded without padding."""
-  return (decode(batch.tokens_in[:batch.lengths_in[i], i]),
-          decode(batch.tokens_out[:batch.lengths_out[i], i]))
+  return (decode(batch.tokens_in[i, :batch.lengths_in[i]]),
+          decode(batch.tokens_out[i, :batch.lengths_out[i]]))
 
 
 # -- Curricula -----------------------------------------------------------------

@@ -47,7 +47,6 @@ K = num_objects, F = num_features, D = input width ``F + 3 * K``.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -59,8 +58,6 @@ import optax
 
 from rmc_jax.checks import batch_rng, check_int, check_seed
 from rmc_jax.cores import make_core
-from rmc_jax.training import config as config_lib
-from rmc_jax.training.loop import Task
 
 __all__ = [
     "NthFarthestSpec",
@@ -316,7 +313,7 @@ def held_out_batches(
   ]
 
 
-# -- Model, loss and the Task the training loop runs --------------------------
+# -- Model and loss --------------------------------------------------------------
 
 
 def forward(inputs_BTD: jax.Array, core_name: str,
@@ -336,43 +333,10 @@ def forward(inputs_BTD: jax.Array, core_name: str,
   return hk.Linear(num_classes, name="logits")(head(outputs_TBO[-1]))
 
 
-def make_task(config: Any) -> Task:
-  """Builds the training-loop Task from a launcher config (see launch/configs)."""
-  spec = NthFarthestSpec(config.num_objects, config.num_features,
-                         config.sonnet_compat)
-  model = hk.transform(
-      functools.partial(forward, core_name=config.core,
-                        core_kwargs=config_lib.core_kwargs(config),
-                        mlp_sizes=tuple(config.mlp_sizes),
-                        num_classes=spec.num_classes))
-
-  def init(rng, batch):
-    return model.init(rng, batch[0])
-
-  def metrics(params, rng, batch):
-    inputs_BTD, labels_B = batch
-    logits_BK = model.apply(params, rng, inputs_BTD)
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits_BK,
-                                                           labels_B).mean()
-    accuracy = (jnp.argmax(logits_BK, -1) == labels_B).mean()
-    return loss, {"accuracy": accuracy}
-
-  def loss(params, carry, rng, batch):
-    value, aux = metrics(params, rng, batch)
-    return value, (aux, carry)
-
-  def evaluate(params, carry, batch):
-    value, aux = metrics(params, None, batch)
-    return dict(aux, loss=value), carry
-
-  return Task(
-      init=init, loss=loss, evaluate=evaluate,
-      train_iterator=NthFarthestIterator(config.batch_size, spec.num_objects,
-                                         spec.num_features, spec.sonnet_compat,
-                                         seed=config.seed,
-                                         min_objects=config.min_objects or None,
-                                         objects_step=config.objects_step),
-      eval_batches=held_out_batches(config.eval_batches, config.eval_batch_size,
-                                    spec.num_objects, spec.num_features,
-                                    spec.sonnet_compat, seed=config.seed)
-      if config.eval_batches else [])
+def loss_and_metrics(logits_BK: jax.Array, labels_B: jax.Array
+                     ) -> tuple[jax.Array, dict]:
+  """Mean softmax cross-entropy and accuracy of a batch."""
+  loss = optax.softmax_cross_entropy_with_integer_labels(logits_BK,
+                                                         labels_B).mean()
+  accuracy = (jnp.argmax(logits_BK, -1) == labels_B).mean()
+  return loss, {"accuracy": accuracy}

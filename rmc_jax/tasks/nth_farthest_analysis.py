@@ -1,80 +1,32 @@
 """Attention weights of a trained Nth-farthest RMC on one held-out example.
 
-`attention_example(workdir)` restores the latest checkpoint of a finished
-`launch.train_nth_farthest` run (from a temporary copy: the run's directory is
-only read), answers a batch of held-out questions with the full model and
-reruns its relational memory core with `unroll(..., return_info=True)` to get
-the softmax attention weights of every time step (as in Fig. 3 of Santoro et
+`attention_example(workdir)` reads the latest checkpoint of a finished
+Nth-farthest run (the run's directory is only read), answers a batch of
+held-out questions with the full model and reruns its relational memory core
+with `unroll(..., return_info=True)` to get the softmax attention weights of every time step (as in Fig. 3 of Santoro et
 al., 2018). Plots are made by `launch.report.plot_attention`.
 """
 
 from __future__ import annotations
 
 import functools
-import json
-import os
-import shutil
-import tempfile
 from typing import Any
 
 import haiku as hk
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 from rmc_jax.cores import make_core
 from rmc_jax.tasks import nth_farthest
 from rmc_jax.training import config as config_lib
-from rmc_jax.training.checkpoint import COMMIT_MARKER
-from rmc_jax.training.loop import restore_latest
+from rmc_jax.training import runs
 
-__all__ = ["attention_example", "decode_question", "load_config",
-           "restore_params"]
+__all__ = ["attention_example", "decode_question"]
 
 # Name of the core's Haiku module in `nth_farthest.forward` (the default name
 # of a top-level RelationalMemory); the core's parameters live under it.
 _CORE_MODULE = "relational_memory"
-# Fields added to the launcher's config after some runs were made, with the
-# values that reproduce what those runs did (no curriculum).
-_MISSING_DEFAULTS = {"min_objects": 0, "objects_step": 0,
-                     "sonnet_compat": False}
-
-
-def load_config(workdir: str) -> ml_collections.ConfigDict:
-  """The run's config.json as a ConfigDict (older runs' gaps filled)."""
-  with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
-    values = json.load(f)
-  for key, default in _MISSING_DEFAULTS.items():
-    values.setdefault(key, default)
-  return ml_collections.ConfigDict(values)
-
-
-def restore_params(workdir: str, config: ml_collections.ConfigDict
-                   ) -> tuple[Any, int]:
-  """(params, step) of the latest complete checkpoint of `workdir`.
-
-  The checkpoint is copied to a temporary directory first: opening a
-  Checkpointer may create or clean directories, and the run's own directory
-  must stay untouched (it may belong to a job that is still writing).
-
-  Raises:
-    FileNotFoundError: no complete checkpoint in `workdir/checkpoints`.
-  """
-  ckpt_dir = os.path.join(workdir, "checkpoints")
-  steps = []
-  if os.path.isdir(ckpt_dir):
-    steps = sorted(int(d) for d in os.listdir(ckpt_dir) if d.isdigit()
-                   and os.path.exists(os.path.join(ckpt_dir, d, COMMIT_MARKER)))
-  if not steps:
-    raise FileNotFoundError(f"no complete checkpoint in {ckpt_dir}")
-  task = nth_farthest.make_task(config)
-  with tempfile.TemporaryDirectory(prefix="rmc_attention_") as tmp:
-    shutil.copytree(os.path.join(ckpt_dir, str(steps[-1])),
-                    os.path.join(tmp, "checkpoints", str(steps[-1])))
-    state, step = restore_latest(task, config, tmp)
-    params = jax.device_get(state.params)
-  return params, int(step)
 
 
 def decode_question(inputs_TD: np.ndarray, num_objects: int,
@@ -97,7 +49,7 @@ def attention_example(workdir: str, example: int | None = None,
   """Attention weights of the workdir's trained RMC on one held-out example.
 
   Args:
-    workdir: a finished `launch.train_nth_farthest` run with `core=rmc`.
+    workdir: a finished Nth-farthest run with `core=rmc`.
     example: index in a held-out batch of `num_candidates` examples (drawn
       with the run's seed from the held-out stream). None picks the first
       example the model answers correctly whose question is not the trivial
@@ -117,13 +69,13 @@ def attention_example(workdir: str, example: int | None = None,
     FileNotFoundError: no config.json or no complete checkpoint.
     ValueError: the run's core is not the RMC, or `example` out of range.
   """
-  config = load_config(workdir)
+  run = runs.load_run(workdir, experiment="nth_farthest")
+  config, params, step = run.config, run.params, run.step
   if config.core != "rmc":
     raise ValueError(f"{workdir}: core {config.core!r} has no attention; an "
                      "RMC run is needed")
   k, f = config.num_objects, config.num_features
   sonnet = bool(config.sonnet_compat)
-  params, step = restore_params(workdir, config)
   core_kwargs = config_lib.core_kwargs(config)
 
   [(inputs_BTD, labels_B)] = nth_farthest.held_out_batches(

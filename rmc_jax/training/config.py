@@ -1,7 +1,8 @@
-"""Config fields shared by every launcher, their validation and the optimiser they define.
+"""Config fields shared by every experiment, their validation and the optimiser they define.
 
-Launchers start from `base_config()` and add their task's fields; users
-override any of them with `--config.field=value`.
+Experiment modules (`rmc_jax.experiments.*`) start from `base_config(NAME)`
+and add their task's fields; users override any of them with
+`--config.field=value`.
 """
 
 from __future__ import annotations
@@ -18,9 +19,12 @@ class ConfigError(ValueError):
   """A config value is invalid; the message names the field and what is expected."""
 
 
-def base_config() -> ml_collections.ConfigDict:
+def base_config(experiment: str) -> ml_collections.ConfigDict:
   """The shared fields, with per-core constructor arguments under their names."""
   c = ml_collections.ConfigDict()
+  c.experiment = experiment  # Its module in rmc_jax.experiments.
+  # Evaluate the run's latest checkpoint on every split instead of training.
+  c.eval_only = False
   c.core = "rmc"
   c.seed = 0
   c.num_steps = 1000

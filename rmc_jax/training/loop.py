@@ -1,10 +1,10 @@
-"""The training loop every launcher shares.
+"""The training loop: `train(task, config, workdir)`.
 
-It knows nothing about tasks: a `Task` supplies parameter init, a loss, a
-resumable batch iterator and (optionally) evaluation batches and a carried
-state. The carried state (`TrainState.carry`) is threaded through the jitted
-step and checkpointed: the language model keeps its recurrent memory there
-between truncated-BPTT segments, RL keeps environment states there.
+It knows nothing about tasks (see `rmc_jax.training.task.Task`) and is built
+from the public pieces of `rmc_jax.training.steps`. The carried state
+(`TrainState.carry`) is threaded through the jitted step and checkpointed: the
+language model keeps its recurrent memory there between truncated-BPTT
+segments, RL keeps environment states there.
 
 Guarantees:
   * data parallel over all devices of `DataMesh` (params replicated, batch and
@@ -13,7 +13,9 @@ Guarantees:
     iterator where it was, so k steps + k resumed steps == 2k steps;
   * SIGTERM/SIGINT save a checkpoint and return cleanly;
   * a non-finite loss stops the run (NonFiniteLossError names the step) and
-    no checkpoint holds parameters computed after it.
+    no checkpoint holds parameters computed after it;
+  * the final evaluations (every split of `task.eval_splits`) use the
+    parameters in memory at the end of training.
 """
 
 from __future__ import annotations
@@ -24,82 +26,38 @@ import math
 import os
 import signal
 import time
-from typing import Any, Callable, Iterable, NamedTuple, Protocol
+from typing import Any
 
 from absl import logging
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 
 from rmc_jax.training import checkpoint as checkpoint_lib
-from rmc_jax.training import config as config_lib
 from rmc_jax.training import metrics as metrics_lib
+from rmc_jax.training import runs
 from rmc_jax.training.mesh import DataMesh
+from rmc_jax.training.steps import abstract_train_state
+from rmc_jax.training.steps import count_params
+from rmc_jax.training.steps import Evaluator
+from rmc_jax.training.steps import init_train_state
+from rmc_jax.training.steps import make_train_step
+from rmc_jax.training.steps import TrainState
+from rmc_jax.training.task import Params, Task
 
-Batch = Any
-Params = Any
-Carry = Any
-
-
-class BatchIterator(Protocol):
-  """An infinite batch iterator whose position can be saved and restored."""
-
-  def __next__(self) -> Batch: ...
-
-  def get_state(self) -> dict: ...
-
-  def set_state(self, state: dict) -> None: ...
-
-
-@dataclasses.dataclass
-class Task:
-  """What the loop needs from a task.
-
-  Attributes:
-    init: (rng, batch) -> params.
-    loss: (params, carry, rng, batch) -> (scalar loss, (metrics, new carry));
-      metrics is a dict of scalars averaged over the batch.
-    train_iterator: yields host (NumPy) batches with a leading batch axis.
-    evaluate: (params, carry, batch) -> (dict of scalar metrics averaged over
-      the batch, new carry); the batches of one evaluation are run in order
-      with the carry threaded through them (from `init_carry` of the eval
-      batch size, or ()), so a language model can carry its state over a
-      whole split. A 'weight' entry (e.g. the number of real tokens) weights
-      the batch in the average; otherwise batches weigh the same. None
-      disables evaluation.
-    eval_batches: held-out batches (a fixed set, equal batch sizes).
-    init_carry: global batch size -> initial carried state (leading axis =
-      batch), or None for stateless tasks.
-    observe: called on the host with the averaged training metrics at every
-      log step (e.g. to advance a curriculum from the loss); its effect on
-      the iterator is checkpointed with the iterator state.
-    summarize: host-side metrics -> metrics with derived values (e.g.
-      perplexity = exp(loss)), applied to logged train and eval metrics.
-  """
-
-  init: Callable[[jax.Array, Batch], Params]
-  loss: Callable[[Params, Carry, jax.Array, Batch],
-                 tuple[jax.Array, tuple[dict, Carry]]]
-  train_iterator: BatchIterator
-  evaluate: Callable[[Params, Carry, Batch], tuple[dict, Carry]] | None = None
-  eval_batches: Iterable[Batch] = ()
-  init_carry: Callable[[int], Carry] | None = None
-  observe: Callable[[dict], None] | None = None
-  summarize: Callable[[dict], dict] | None = None
-
-
-class TrainState(NamedTuple):
-  step: jax.Array  # int32 scalar: number of updates applied.
-  params: Params
-  opt_state: Any
-  rng: jax.Array  # Raw uint32 key; step t uses fold_in(rng, t).
-  carry: Carry
+EVAL_SPLIT = "eval"  # The split evaluated during training.
 
 
 class NonFiniteLossError(RuntimeError):
   """The loss became NaN or infinite; the message names the step."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+  """What `train` returns: the summary (also in summary.json) and the state."""
+
+  summary: dict
+  state: TrainState
 
 
 @dataclasses.dataclass
@@ -117,13 +75,13 @@ class _Window:
                                 - self.start_step)
 
 
-def count_params(params: Params) -> int:
-  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
-
-
 def train(task: Task, config: ml_collections.ConfigDict, workdir: str,
-          mesh: DataMesh | None = None) -> dict:
-  """Trains (or resumes) in `workdir`; returns the summary also written to summary.json.
+          mesh: DataMesh | None = None) -> TrainResult:
+  """Trains (or resumes) in `workdir`.
+
+  When training completes, every split of `task.eval_splits` is evaluated on
+  the final parameters and recorded under its name in metrics.jsonl and
+  summary.json.
 
   Raises:
     ValueError: when the batch does not divide over the devices.
@@ -133,30 +91,25 @@ def train(task: Task, config: ml_collections.ConfigDict, workdir: str,
   mesh.check_batch_size(config.batch_size)
   os.makedirs(workdir, exist_ok=True)
   _save_config(config, workdir)
-  optimizer, schedule = config_lib.make_optimizer(config)
   ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                      max_to_keep=config.keep_checkpoints)
-
-  fresh_iterator_state = task.train_iterator.get_state()
-  example = next(task.train_iterator)
-  state = _init_state(task, config, optimizer, mesh, example)
-  shardings = _state_shardings(state, mesh)
-  state = jax.device_put(state, shardings)
-  num_params = count_params(state.params)
-
   latest = ckpt.latest_step()
   if latest is not None:
-    state, iterator_state, _ = ckpt.restore(latest, target=state)
-    task.train_iterator.set_state(iterator_state)
+    state, iterator_state, _ = ckpt.restore(
+        latest, target=abstract_train_state(task, config, mesh))
+    if task.train_iterator is not None:
+      task.train_iterator.set_state(iterator_state)
     logging.info("Resumed from %s at step %d.", ckpt.directory, latest)
   else:
-    task.train_iterator.set_state(fresh_iterator_state)
+    state = init_train_state(task, config, mesh)
+  num_params = count_params(state.params)
+  if latest is None:
     logging.info("Starting from scratch: %s parameters.", f"{num_params:,}")
 
-  train_step = _make_train_step(task, optimizer, schedule, shardings, mesh)
-  eval_batches = list(task.eval_batches)
-  evaluator = (_Evaluator(task, eval_batches, mesh)
-               if task.evaluate is not None and eval_batches else None)
+  train_step = make_train_step(task, config, mesh, state)
+  evaluator = Evaluator(task, mesh) if task.evaluate is not None else None
+  periodic_eval = (task.eval_splits.get(EVAL_SPLIT) if evaluator is not None
+                   else None)
   summarize = task.summarize or (lambda m: m)
 
   step = int(state.step)
@@ -170,7 +123,8 @@ def train(task: Task, config: ml_collections.ConfigDict, workdir: str,
   compile_seconds = None
   try:
     while step < config.num_steps:
-      batch = mesh.shard_batch(next(task.train_iterator))
+      batch = (() if task.train_iterator is None
+               else mesh.shard_batch(next(task.train_iterator)))
       state, step_metrics = train_step(state, batch)
       window.metrics.append(step_metrics)
       step += 1
@@ -193,13 +147,13 @@ def train(task: Task, config: ml_collections.ConfigDict, workdir: str,
           writer.write(step, "train", last_train)
           if task.observe is not None:
             task.observe(last_train)
-      if evaluator is not None and (
+      if periodic_eval is not None and (
           step % config.eval_every == 0 or step == config.num_steps):
-        last_eval = summarize(evaluator(state.params))
-        writer.write(step, "eval", last_eval)
+        last_eval = summarize(evaluator(state.params, periodic_eval))
+        writer.write(step, EVAL_SPLIT, last_eval)
         window.start_time = time.perf_counter()  # Keep eval out of steps/s.
       if step % config.checkpoint_every == 0 or stopping:
-        ckpt.save(step, state, task.train_iterator.get_state(), force=True)
+        ckpt.save(step, state, task.iterator_state(), force=True)
         last_saved = step
       if interrupted:
         status = "interrupted"
@@ -225,101 +179,54 @@ def train(task: Task, config: ml_collections.ConfigDict, workdir: str,
         train=last_train, eval=last_eval)
     metrics_lib.write_json(os.path.join(workdir, "summary.json"), summary)
     ckpt.close()
-  return summary
+  if status == "completed" and evaluator is not None:
+    final = {split: batches for split, batches in task.eval_splits.items()
+             if split != EVAL_SPLIT}
+    summary.update(evaluate_and_record(task, state.params, step, workdir,
+                                       final, mesh, evaluator))
+  return TrainResult(summary=summary, state=state)
 
 
-def restore_latest(task: Task, config: ml_collections.ConfigDict,
-                   workdir: str, mesh: DataMesh | None = None
-                   ) -> tuple[TrainState, int]:
-  """(TrainState, step) of the latest checkpoint in `workdir`.
+def evaluate_and_record(task: Task, params: Params, step: int, workdir: str,
+                        splits: dict[str, Any], mesh: DataMesh,
+                        evaluator: Evaluator | None = None) -> dict[str, dict]:
+  """Evaluates `params` on each split and records it at `step`.
 
-  Raises FileNotFoundError when there is none.
+  Appends a row per split to metrics.jsonl and stores the metrics (with the
+  step) under the split's name in summary.json. Returns {split: metrics}.
   """
-  mesh = mesh or DataMesh()
-  optimizer, _ = config_lib.make_optimizer(config)
-  with checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                   max_to_keep=config.keep_checkpoints) as ckpt:
-    step = ckpt.latest_step()
-    if step is None:
-      raise FileNotFoundError(f"no checkpoint in {ckpt.directory}")
-    example = next(task.train_iterator)
-    # Only shapes are needed: trace the init, don't run it.
-    shapes = jax.eval_shape(
-        lambda: _init_state(task, config, optimizer, mesh, example))
-    target = jax.tree.map(
-        lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype,
-                                                 sharding=sharding),
-        shapes, _state_shardings(shapes, mesh))
-    state, _, _ = ckpt.restore(step, target=target)
-  return state, step
-
-
-def evaluate_checkpoint(task: Task, config: ml_collections.ConfigDict,
-                        workdir: str, batches: Iterable[Batch], split: str,
-                        mesh: DataMesh | None = None) -> dict:
-  """Evaluates the latest checkpoint of `workdir` on `batches`.
-
-  Appends a row with `split` to metrics.jsonl and stores the metrics under
-  `split` in summary.json. Raises FileNotFoundError without a checkpoint.
-  """
-  mesh = mesh or DataMesh()
-  state, step = restore_latest(task, config, workdir, mesh)
-  metrics = _Evaluator(task, list(batches), mesh)(state.params)
-  if task.summarize is not None:
-    metrics = task.summarize(metrics)
+  evaluator = evaluator or Evaluator(task, mesh)
+  summarize = task.summarize or (lambda m: m)
+  results = {split: dict(summarize(evaluator(params, batches)), step=step)
+             for split, batches in splits.items()}
+  if not results or jax.process_index() != 0:
+    return results
   writer = metrics_lib.MetricWriter(workdir, step, step, progress_bar=False)
-  writer.write(step, split, metrics)
+  for split, metrics in results.items():
+    writer.write(step, split, metrics)
   writer.close()
   path = os.path.join(workdir, "summary.json")
   summary = {}
   if os.path.exists(path):
     with open(path, encoding="utf-8") as f:
       summary = json.load(f)
-  summary[split] = dict(metrics, step=step)
+  summary.update(results)
   metrics_lib.write_json(path, summary)
-  return metrics
+  return results
 
 
-def _init_state(task: Task, config, optimizer, mesh: DataMesh,
-                example: Batch) -> TrainState:
-  rng = jax.random.PRNGKey(config.seed)
-  init_rng, train_rng = jax.random.split(rng)
-  params = jax.jit(task.init)(init_rng, example)
-  carry = task.init_carry(config.batch_size) if task.init_carry else ()
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    opt_state=optimizer.init(params), rng=train_rng,
-                    carry=carry)
+def evaluate_run(task: Task, workdir: str, mesh: DataMesh | None = None
+                 ) -> dict[str, dict]:
+  """Evaluates the latest checkpoint of `workdir` on every split of the task.
 
-
-def _state_shardings(state: TrainState, mesh: DataMesh) -> TrainState:
-  rep = lambda tree: jax.tree.map(lambda _: mesh.replicated, tree)
-  return TrainState(step=mesh.replicated, params=rep(state.params),
-                    opt_state=rep(state.opt_state), rng=mesh.replicated,
-                    carry=jax.tree.map(lambda _: mesh.batch_sharding,
-                                       state.carry))
-
-
-def _make_train_step(task: Task, optimizer: optax.GradientTransformation,
-                     schedule: optax.Schedule, shardings: TrainState,
-                     mesh: DataMesh):
-  """The jitted update; the loss is a mean over the global batch, so XLA's
-  all-reduce of the gradients makes every device apply the same update."""
-
-  def step_fn(state: TrainState, batch: Batch):
-    rng = jax.random.fold_in(state.rng, state.step)
-    grad_fn = jax.value_and_grad(task.loss, has_aux=True)
-    (loss, (metrics, carry)), grads = grad_fn(state.params, state.carry, rng,
-                                              batch)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads),
-                   learning_rate=schedule(state.step))
-    return TrainState(state.step + 1, params, opt_state, state.rng,
-                      carry), metrics
-
-  return jax.jit(step_fn, in_shardings=(shardings, mesh.batch_sharding),
-                 out_shardings=(shardings, mesh.replicated),
-                 donate_argnums=0)
+  The checkpoint is only read; the results are recorded as by
+  `evaluate_and_record`. Raises FileNotFoundError without a checkpoint.
+  """
+  mesh = mesh or DataMesh()
+  params, step = runs.restore_params(workdir)
+  params = mesh.replicate(params)
+  return evaluate_and_record(task, params, step, workdir,
+                             dict(task.eval_splits), mesh)
 
 
 def _flush(window: _Window, step: int,
@@ -337,36 +244,6 @@ def _flush(window: _Window, step: int,
   rates = (dict(steps_per_sec=n / elapsed,
                 examples_per_sec=n * batch_size / elapsed) if n else {})
   return mean, rates
-
-
-class _Evaluator:
-  """Runs `task.evaluate` over the eval batches in order, threading the carry."""
-
-  def __init__(self, task: Task, batches: list[Batch], mesh: DataMesh):
-    self._batches = batches
-    self._mesh = mesh
-    batch_size = int(jax.tree.leaves(batches[0])[0].shape[0])
-    mesh.check_batch_size(batch_size, "eval batch size")
-    self._init_carry = (lambda: task.init_carry(batch_size)) if \
-        task.init_carry else (lambda: ())
-    self._carry_sharding = jax.tree.map(lambda _: mesh.batch_sharding,
-                                        self._init_carry())
-    self._fn = jax.jit(task.evaluate,
-                       in_shardings=(mesh.replicated, self._carry_sharding,
-                                     mesh.batch_sharding),
-                       out_shardings=(mesh.replicated, self._carry_sharding))
-
-  def __call__(self, params: Params) -> dict:
-    carry = jax.device_put(self._init_carry(), self._carry_sharding)
-    results = []
-    for batch in self._batches:
-      metrics, carry = self._fn(params, carry, self._mesh.shard_batch(batch))
-      results.append(metrics)
-    host = jax.device_get(results)
-    weights = np.array([float(r.pop("weight", 1.0)) for r in host])
-    total = max(weights.sum(), 1e-12)
-    return {k: float(np.dot(weights, [r[k] for r in host]) / total)
-            for k in host[0]}
 
 
 def _save_config(config: ml_collections.ConfigDict, workdir: str) -> None:

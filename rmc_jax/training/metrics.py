@@ -88,12 +88,6 @@ def write_json(path: str, obj: Any) -> None:
   os.replace(tmp, path)
 
 
-def read_jsonl(path: str) -> list[dict]:
-  """Reads a metrics.jsonl file (for plots and reports)."""
-  with open(path, encoding="utf-8") as f:
-    return [json.loads(line) for line in f if line.strip()]
-
-
 def _to_python(value: Any) -> Any:
   if hasattr(value, "item") and getattr(value, "size", 1) == 1:
     value = value.item()
@@ -106,26 +100,3 @@ def _fmt(value: Any) -> str:
   if isinstance(value, float):
     return f"{value:.4g}"
   return str(value)
-
-
-def load_run(workdir: str) -> dict:
-  """Reads a workdir's metrics.jsonl, summary.json and config.json."""
-  metrics_path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(metrics_path):
-    raise FileNotFoundError(f"{metrics_path}: no metrics (is this a workdir?)")
-  run = {"name": os.path.basename(os.path.normpath(workdir)),
-         "rows": read_jsonl(metrics_path), "summary": {}, "config": {}}
-  for key in ("summary", "config"):
-    path = os.path.join(workdir, f"{key}.json")
-    if os.path.exists(path):
-      with open(path, encoding="utf-8") as f:
-        run[key] = json.load(f)
-  return run
-
-
-def series(run: dict, split: str, metric: str) -> tuple[list[int], list[float]]:
-  """(steps, values) of `metric` in `split`, the last value kept per step."""
-  points = {r["step"]: r[metric] for r in run["rows"]
-            if r["split"] == split and isinstance(r.get(metric), (int, float))}
-  steps = sorted(points)
-  return steps, [points[s] for s in steps]

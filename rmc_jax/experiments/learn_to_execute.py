@@ -1,0 +1,147 @@
+"""Learning to Execute: `--config=learn_to_execute:VARIANT`.
+
+Variants:
+  paper:  the paper's setting: batch 128, 200K steps, Adam 1e-3, Mix
+          curriculum, literal length 5, nesting 2, RMC with 4 slots, 4 heads,
+          1024 total units and 'memory' (scalar) gating, decoder on zero
+          inputs. Choose the Table-1 task with --config.task=addition |
+          control | all | copy | reverse | double (the memorisation tasks
+          use nesting 1).
+  cpu:    a small model and task that learn visibly on a 2-core CPU in
+          about 10 minutes (see WORKSPACE_NOTES.md).
+
+Batches: `LTEBatch` of batch-major int32 arrays (tokens_in [B, T_in],
+tokens_out and decoder_inputs [B, T_out], lengths_in and lengths_out [B])
+from the generator to the model.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import haiku as hk
+import ml_collections
+
+from rmc_jax.experiments.base import ResultsSpec
+from rmc_jax.tasks import learn_to_execute as lte
+from rmc_jax.tasks import learn_to_execute_model as model_lib
+from rmc_jax.training import config as config_lib
+from rmc_jax.training.config import ConfigError
+from rmc_jax.training.task import Task
+
+NAME = "learn_to_execute"
+VARIANTS = ("paper", "cpu")
+RESULTS = ResultsSpec(
+    title="Learning to Execute", split="eval", metric="char_accuracy",
+    higher_is_better=True,
+    metrics={"char_accuracy": "per-character accuracy",
+             "sequence_accuracy": "whole-sequence accuracy"},
+    paper={
+        # Table 1: per-character accuracy (%), by column.
+        "columns": ("Add", "Control", "Program", "Copy", "Reverse", "Double"),
+        "rows": {
+            "LSTM": (99.8, 97.4, 66.1, 99.8, 99.7, 99.7),
+            "EntNet": (98.4, 98.0, 73.4, 91.8, 100.0, 62.3),
+            "DNC": (99.4, 83.8, 69.5, 100.0, 100.0, 100.0),
+            "RMC": (99.9, 99.6, 79.0, 100.0, 100.0, 99.8),
+        },
+        # Our config `task` -> the Table 1 column.
+        "task_column": {"addition": "Add", "control": "Control",
+                        "all": "Program", "program": "Program",
+                        "copy": "Copy", "reverse": "Reverse",
+                        "double": "Double"},
+    })
+
+
+def get_config(variant: str = "cpu") -> ml_collections.ConfigDict:
+  if variant not in VARIANTS:
+    raise ConfigError(f"unknown {NAME} variant {variant!r}; expected one of "
+                      f"{VARIANTS}")
+  c = config_lib.base_config(NAME)
+  c.task = "addition"
+  c.max_length = 5
+  c.max_nesting = 2
+  c.curriculum = "mix"
+  c.curriculum_loss_threshold = 0.1
+  c.curriculum_min_tries = 10
+  c.teacher_forcing = False
+  c.mlp_sizes = (256, 256, 256, 256)
+  c.eval_samples = 12_800
+  c.eval_batch_size = 1_280
+  c.batch_size = 128
+  c.num_steps = 200_000
+  c.learning_rate = 1e-3
+  c.log_every = 100
+  c.eval_every = 5_000
+  c.checkpoint_every = 5_000
+  # 4 slots x 4 heads x 64 = 1024 total units; scalar gating.
+  c.rmc.update(mem_slots=4, num_heads=4, head_size=64, gate_style="memory")
+  c.lstm.update(hidden_sizes=(1024, 1024), skip_connections=True)
+  # The paper's DNC: memory 80 x 64, 4 reads, 1 write, 2-layer controller
+  # (LSTM for programs; use --config.dnc.controller=feedforward for the
+  # memorisation tasks, as the paper did).
+  c.dnc.update(memory_size=80, word_size=64, num_reads=4, num_writes=1,
+               controller="lstm", controller_sizes=(256, 256))
+  if variant == "cpu":
+    c.max_length = 2
+    c.max_nesting = 1
+    c.num_steps = 3_000
+    c.log_every = 50
+    c.eval_every = 500
+    c.checkpoint_every = 500
+    c.eval_samples = 2_560
+    c.eval_batch_size = 1_280
+    c.mlp_sizes = (128, 128)
+    c.rmc.update(mem_slots=2, num_heads=2, head_size=32)
+    c.lstm.update(hidden_sizes=(256,), skip_connections=False)
+    c.dnc.update(memory_size=16, word_size=16, num_reads=2,
+                 controller_sizes=(128,))
+  return c
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  config_lib.validate(config)
+  tasks = [t.value.lower() for t in lte.TaskType]
+  if str(config.task).lower() not in tasks:
+    raise ConfigError(f"--config.task={config.task!r}: expected one of "
+                      f"{tasks}.")
+  if config.eval_samples < 1 or config.eval_batch_size < 1 or \
+      config.eval_samples % config.eval_batch_size:
+    raise ConfigError(
+        f"--config.eval_samples={config.eval_samples} must be a positive "
+        f"multiple of --config.eval_batch_size={config.eval_batch_size}.")
+
+
+def make_task(config: ml_collections.ConfigDict) -> Task:
+  validate(config)
+  iterator = lte.LearnToExecuteIterator(
+      config.batch_size, config.task, config.max_length, config.max_nesting,
+      curriculum=config.curriculum, seed=config.seed,
+      loss_threshold=config.curriculum_loss_threshold,
+      min_tries=config.curriculum_min_tries)
+  model = hk.transform(functools.partial(
+      model_lib.forward, core_name=config.core,
+      core_kwargs=config_lib.core_kwargs(config),
+      mlp_sizes=tuple(config.mlp_sizes),
+      teacher_forcing=config.teacher_forcing))
+
+  def loss(params, carry, rng, batch):
+    value, metrics = model_lib.loss_and_metrics(
+        model.apply(params, rng, batch), batch)
+    return value, (metrics, carry)
+
+  def evaluate(params, carry, batch):
+    value, metrics = model_lib.loss_and_metrics(
+        model.apply(params, None, batch), batch)
+    return dict(metrics, loss=value), carry
+
+  def observe(train_metrics):
+    iterator.update_curriculum(train_metrics["loss"])
+
+  eval_set = iterator.eval_batch(config.eval_samples)
+  size = config.eval_batch_size
+  held_out = [eval_set.slice(i, i + size)
+              for i in range(0, config.eval_samples, size)]
+  return Task(init=model.init, loss=loss, train_iterator=iterator,
+              evaluate=evaluate, eval_splits={"eval": held_out},
+              observe=observe)

@@ -1,0 +1,159 @@
+"""The public pieces of a training run: its state, train step and evaluator.
+
+  task = experiments.make_task(config)
+  mesh = DataMesh()
+  state = init_train_state(task, config, mesh)
+  train_step = make_train_step(task, config, mesh, state)
+  state, metrics = train_step(state, mesh.shard_batch(next(task.train_iterator)))
+  eval_metrics = Evaluator(task, mesh)(state.params, task.eval_splits["eval"])
+
+`rmc_jax.training.loop.train` is these plus checkpoints, logging and
+signals; benchmarks, tests and notebooks call the same functions.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from rmc_jax.training import config as config_lib
+from rmc_jax.training.mesh import DataMesh
+from rmc_jax.training.task import Batch, Carry, Params, Task
+
+
+class TrainState(NamedTuple):
+  """Everything a training step updates; checkpointed as one pytree."""
+
+  step: jax.Array  # int32 scalar: number of updates applied.
+  params: Params
+  opt_state: Any
+  rng: jax.Array  # Raw uint32 key; step t uses fold_in(rng, t).
+  carry: Carry  # Task-specific carried state, leading axis = batch (or ()).
+
+
+def count_params(params: Params) -> int:
+  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
+
+
+def _fresh_state(task: Task, config: ml_collections.ConfigDict,
+                 example: Batch) -> TrainState:
+  optimizer, _ = config_lib.make_optimizer(config)
+  init_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+  params = task.init(init_rng, example)
+  carry = task.init_carry(config.batch_size) if task.init_carry else ()
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    opt_state=optimizer.init(params), rng=train_rng,
+                    carry=carry)
+
+
+def state_shardings(state: TrainState, mesh: DataMesh) -> TrainState:
+  """Parameters and optimizer state replicated, the carry split by batch."""
+  rep = lambda tree: jax.tree.map(lambda _: mesh.replicated, tree)
+  return TrainState(step=mesh.replicated, params=rep(state.params),
+                    opt_state=rep(state.opt_state), rng=mesh.replicated,
+                    carry=jax.tree.map(lambda _: mesh.batch_sharding,
+                                       state.carry))
+
+
+def abstract_train_state(task: Task, config: ml_collections.ConfigDict,
+                         mesh: DataMesh) -> TrainState:
+  """The fresh state's shapes, dtypes and shardings, computing nothing.
+
+  A restore target: the initialiser is traced, never run.
+  """
+  example = task.example_batch()
+  shapes = jax.eval_shape(lambda: _fresh_state(task, config, example))
+  return jax.tree.map(
+      lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype,
+                                               sharding=sharding),
+      shapes, state_shardings(shapes, mesh))
+
+
+def init_train_state(task: Task, config: ml_collections.ConfigDict,
+                     mesh: DataMesh) -> TrainState:
+  """The state at step 0 (parameters from `config.seed`), placed on `mesh`."""
+  example = task.example_batch()
+  abstract = jax.eval_shape(lambda: _fresh_state(task, config, example))
+  shardings = state_shardings(abstract, mesh)
+  return jax.jit(lambda: _fresh_state(task, config, example),
+                 out_shardings=shardings)()
+
+
+def make_train_step(task: Task, config: ml_collections.ConfigDict,
+                    mesh: DataMesh, state: TrainState):
+  """The jitted update `(state, batch) -> (state, metrics)`.
+
+  `state` (concrete or abstract) gives the pytree structure; `batch` is a
+  device batch from `mesh.shard_batch` (or () without a train iterator).
+  The state argument is donated. The loss is a mean over the global batch,
+  so the all-reduce of the gradients gives every device the same update.
+  Metrics: the task's, plus loss, grad_norm and learning_rate.
+  """
+  optimizer, schedule = config_lib.make_optimizer(config)
+  shardings = state_shardings(state, mesh)
+
+  def step_fn(state: TrainState, batch: Batch):
+    rng = jax.random.fold_in(state.rng, state.step)
+    grad_fn = jax.value_and_grad(task.loss, has_aux=True)
+    (loss, (metrics, carry)), grads = grad_fn(state.params, state.carry, rng,
+                                              batch)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads),
+                   learning_rate=schedule(state.step))
+    return TrainState(state.step + 1, params, opt_state, state.rng,
+                      carry), metrics
+
+  return jax.jit(step_fn, in_shardings=(shardings, mesh.batch_sharding),
+                 out_shardings=(shardings, mesh.replicated),
+                 donate_argnums=0)
+
+
+class Evaluator:
+  """Runs `task.evaluate` over a split's batches in order, carry threaded.
+
+  Batches are read one at a time; only per-batch scalar metrics are kept.
+  Compiled once per batch shape.
+  """
+
+  def __init__(self, task: Task, mesh: DataMesh):
+    if task.evaluate is None:
+      raise ValueError("this task has no evaluate function")
+    self._task = task
+    self._mesh = mesh
+    self._fn = None
+
+  def _init_carry(self, batch_size: int) -> Carry:
+    return self._task.init_carry(batch_size) if self._task.init_carry else ()
+
+  def __call__(self, params: Params, batches: Iterable[Batch]) -> dict:
+    """Metrics averaged over `batches` (weighted by their 'weight' entry)."""
+    mesh = self._mesh
+    carry, results = None, []
+    for batch in batches:
+      if carry is None:
+        batch_size = int(jax.tree.leaves(batch)[0].shape[0])
+        mesh.check_batch_size(batch_size, "eval batch size")
+        carry = self._init_carry(batch_size)
+        carry_sharding = jax.tree.map(lambda _: mesh.batch_sharding, carry)
+        if self._fn is None:
+          self._fn = jax.jit(
+              self._task.evaluate,
+              in_shardings=(mesh.replicated, carry_sharding,
+                            mesh.batch_sharding),
+              out_shardings=(mesh.replicated, carry_sharding))
+        carry = jax.device_put(carry, carry_sharding)
+      metrics, carry = self._fn(params, carry, mesh.shard_batch(batch))
+      results.append(metrics)
+    if not results:
+      raise ValueError("no evaluation batches")
+    host = jax.device_get(results)
+    weights = np.array([float(r.pop("weight", 1.0)) for r in host])
+    total = max(weights.sum(), 1e-12)
+    return {k: float(np.dot(weights, [r[k] for r in host]) / total)
+            for k in host[0]}

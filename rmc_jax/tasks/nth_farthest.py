@@ -65,7 +65,7 @@ __all__ = [
     "NthFarthestIterator",
     "held_out_batches",
     "forward",
-    "make_task",
+    "loss_and_metrics",
 ]
 
 # Stream tags that keep training and held-out randomness disjoint (see

@@ -12,7 +12,6 @@ import errno
 import glob
 import logging
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -20,7 +19,6 @@ import types
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 from absl import logging as absl_logging
 from orbax.checkpoint._src.path import atomicity_types
@@ -319,13 +317,13 @@ def test_other_model_raises_mismatch_and_changes_nothing(tmp_path):
 def test_other_dtype_or_missing_leaf_is_a_mismatch(tmp_path):
   path = ckpt_dir(tmp_path)
   make_run(path, steps=(1,))
-  f64 = jax.tree.map(
+  int16_embed = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, jnp.int16)
       if x.dtype == jnp.int32 and x.shape == (5,) else x, abstract_state())
   with Checkpointer(path) as ckpt:
     with pytest.raises(CheckpointMismatchError, match=r"params\.embed is "
                        r"\(5,\) int32 in the checkpoint but \(5,\) int16"):
-      ckpt.restore_latest_good(f64)
+      ckpt.restore_latest_good(int16_embed)
     with_carry = jax.eval_shape(lambda: make_state(0, carry=True))
     with pytest.raises(CheckpointMismatchError,
                        match=r"carry is missing in the checkpoint but \(2, 3\) "
@@ -581,7 +579,7 @@ def test_read_only_writes_nothing(tmp_path):
     f.write("{")
   before = snapshot(path)
   with Checkpointer(path, read_only=True) as ckpt:
-    assert ckpt.read_only and ckpt.all_steps() == [1, 2, 3]
+    assert ckpt.all_steps() == [1, 2, 3]
     state, iterator_state, step, skipped = ckpt.restore_latest_good(
         abstract_state())
     assert (step, iterator_state) == (2, {"index": 2})

@@ -439,9 +439,11 @@ class Checkpointer:
                          f"{save_interval_steps}")
     # Orbax requires absolute local paths; keep remote ones (gs://...) as given.
     path = os.fspath(directory)
-    if not _is_remote(path):
+    if not read_only:
+      path = ensure_writable_dir(path)
+    elif not _is_remote(path):
       path = os.path.abspath(path)
-      _check_directory(path, read_only=read_only)
+      _check_directory(path, read_only=True)
     self._directory = epath.Path(path)
     self._read_only = bool(read_only)
     self._save_interval_steps = int(save_interval_steps)
@@ -471,10 +473,6 @@ class Checkpointer:
   def directory(self) -> epath.Path:
     """The directory holding the step directories."""
     return self._directory
-
-  @property
-  def read_only(self) -> bool:
-    return self._read_only
 
   def _check_open(self) -> None:
     if self._closed:

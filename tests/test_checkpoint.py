@@ -17,8 +17,9 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from orbax.checkpoint._src.path import atomicity, atomicity_types
 
-from rmc_jax.training.checkpoint import (COMMIT_MARKER, CheckpointNotFoundError,
-                                         Checkpointer)
+from rmc_jax.training.checkpoint import (COMMIT_MARKER, CheckpointMismatchError,
+                                         CheckpointNotFoundError,
+                                         CheckpointSaveError, Checkpointer)
 
 TMP_SUFFIX = atomicity_types.TMP_DIR_SUFFIX  # How Orbax names unfinished saves.
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -197,8 +198,9 @@ def test_crash_before_commit_is_ignored(tmp_path, monkeypatch):
   with monkeypatch.context() as m:
     m.setattr(atomicity.AtomicRenameTemporaryPath, "finalize",
               _crash_before_commit)
-    with pytest.raises(RuntimeError, match="simulated crash"):
+    with pytest.raises(CheckpointSaveError, match="simulated crash") as info:
       ckpt.save(2, newer, {"index": 2})
+    assert info.value.step == 2
   # The half-written checkpoint is on disk (items still sit in their own tmp
   # directories: Orbax renames each item, then the step directory).
   tmp_dir = ckpt.directory / f"2{TMP_SUFFIX}"
@@ -264,11 +266,11 @@ def test_structure_mismatch_raises(tmp_path):
   with Checkpointer(ckpt_dir(tmp_path)) as ckpt:
     ckpt.save(1, make_state(carry=False), {})
     # Orbax alone would silently return carry=None here.
-    with pytest.raises(ValueError, match="structure"):
+    with pytest.raises(CheckpointMismatchError, match="carry is missing"):
       ckpt.restore(target=make_state(carry=True))
     missing_key = make_state()._replace(
         params={"embed": jnp.zeros((5,), jnp.int32)})
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="params.dense.b"):
       ckpt.restore(target=missing_key)
 
 

@@ -21,8 +21,11 @@ CORES: dict[str, Callable[..., hk.RNNCore]] = {
 }
 
 
-def make_core(name: str, **kwargs: Any) -> hk.RNNCore:
+def make_core(name: str, /, **kwargs: Any) -> hk.RNNCore:
   """Builds the core registered as `name` (inside an `hk.transform`).
+
+  `name` is positional-only, so `kwargs` may hold the core's own `name`
+  (its module name): `make_core("rmc", name="my_rmc", mem_slots=4, ...)`.
 
   Every core implements `initial_state(batch_size)`, `__call__(x_B, state)`
   and a time-major `unroll(x_TB, state)` equal to `hk.dynamic_unroll`.
@@ -38,7 +41,7 @@ def make_core(name: str, **kwargs: Any) -> hk.RNNCore:
   unknown = sorted(set(kwargs) - set(accepted))
   if unknown:
     raise ValueError(f"Core {name!r} does not take {unknown}; it accepts "
-                     f"{sorted(p for p in accepted if p != 'name')}.")
+                     f"{sorted(accepted)}.")
   return ctor(**kwargs)
 
 

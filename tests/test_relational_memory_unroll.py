@@ -46,7 +46,7 @@ def _loss_fn(cfg, matrix, mode):
 def _gradients(gate_style, num_blocks, matrix, extra=(), chunk_rows=None):
   cfg = dict(mem_slots=3, head_size=4, num_heads=2, num_blocks=num_blocks,
              gate_style=gate_style, attention_mlp_layers=2,
-             compute_dtype=jnp.float64, **dict(extra))
+             **dict(extra))
   f = cfg["head_size"] * cfg["num_heads"]
   with jax.enable_x64(True):
     rng = np.random.default_rng(num_blocks)

@@ -20,6 +20,21 @@ WORKSPACE_NOTES.md for the few documented options that depart from it):
 with N = mem_slots, F = head_size * num_heads, H = num_heads, d_v = head_size,
 d_k = key_size (default head_size) and n input rows (1 unless
 `treat_input_as_matrix`).
+
+Mixed precision follows Haiku: with `hk.mixed_precision.set_policy(
+RelationalMemory, jmp.get_policy("params=float32,compute=bfloat16,
+output=float32"))` the parameters are float32, the matmuls run in the dtype
+of the weights as fetched (the policy's compute dtype; without a policy the
+parameters' own dtype, e.g. float64 under x64), and LayerNorm, softmax,
+gates and the memory itself run in float32 (or wider). The memory is never
+kept in bfloat16: the gated update adds to the previous memory at every
+step and bfloat16 rounding would compound over time. `unroll` carries a
+float32 memory through its scan; Haiku casts the state `__call__` receives
+to the compute dtype, so `hk.dynamic_unroll` under a bfloat16 policy rounds
+the memory between steps, and agrees with `unroll` only to bfloat16
+accuracy. The custom VJP takes float32 weights (cast to the compute dtype
+inside) and sums their gradients in float32; they reach the parameters in
+the parameter dtype.
 """
 
 from __future__ import annotations

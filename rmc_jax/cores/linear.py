@@ -29,9 +29,9 @@ class Linear(hk.Module):
     self.output_size = output_size
 
   def params(self, input_size: int) -> Dense:
-    w = hk.get_parameter(
-        "w", [input_size, self.output_size], jnp.float32,
-        init=hk.initializers.TruncatedNormal(stddev=1.0 / math.sqrt(input_size)))
+    init = hk.initializers.TruncatedNormal(stddev=1.0 / math.sqrt(input_size))
+    w = hk.get_parameter("w", [input_size, self.output_size], jnp.float32,
+                         init=init)
     b = hk.get_parameter("b", [self.output_size], jnp.float32, init=jnp.zeros)
     return w, b
 

@@ -87,7 +87,7 @@ def reset_and_freeze(step_fn, initial: Any, state: Any,
 
 
 def zero_masked(mask_B: jax.Array | None, output: Any) -> Any:
-  """`output` (leaves starting with mask_B's axes), zero where mask_B is False."""
+  """`output` (leaves led by mask_B's axes), zero where mask_B is False."""
   if mask_B is None:
     return output
   return select_state(mask_B, output, jax.tree.map(jnp.zeros_like, output))

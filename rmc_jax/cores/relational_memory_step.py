@@ -3,9 +3,8 @@
 `RelationalMemory` gathers its parameters into `Weights` and calls `step`;
 every path (`__call__`, `unroll`, `unroll(return_info=True)`) runs this one
 implementation, resets and masks of `unroll` included. `step` also serves
-the custom-VJP unroll
-(`relational_memory_unroll`): it can add zero "taps" to the output of every
-Linear inside the recurrence (their cotangents are the Linears' output
+the custom-VJP unroll (`relational_memory_unroll`): it can add zero "taps" to
+the output of every Linear inside the recurrence (their cotangents are the Linears' output
 gradients) and it returns every Linear's input, which is all their weight
 gradients need.
 

@@ -249,3 +249,17 @@ def test_make_core_errors(name, kwargs, match):
 def test_make_core_propagates_constructor_errors():
   with pytest.raises(ValueError, match="mem_slots"):
     _build(lambda: make_core("rmc", mem_slots=0, head_size=2))
+
+
+@pytest.mark.parametrize("core_name,kwargs", [
+    ("rmc", dict(mem_slots=2, head_size=2)),
+    ("lstm", dict(hidden_sizes=(3,))),
+    ("dnc", dict(memory_size=2, word_size=2, controller_sizes=(3,))),
+])
+def test_make_core_takes_the_module_name(core_name, kwargs):
+  def fn(x):
+    core = make_core(core_name, name="my_core", **kwargs)
+    return core(x, core.initial_state(2))
+
+  params = hk.transform(fn).init(jax.random.PRNGKey(0), jnp.zeros((2, 3)))
+  assert params and all(path.split("/")[0] == "my_core" for path in params)

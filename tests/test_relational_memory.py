@@ -15,6 +15,7 @@ import math
 import haiku as hk
 import jax
 import jax.numpy as jnp
+import jmp
 import numpy as np
 import pytest
 
@@ -605,30 +606,32 @@ def test_gradients_through_unroll():
       _assert_close(remat_grads[module][name], g, 1e-5, f"remat {module}")
 
 
-def test_bfloat16_compute():
+def test_bfloat16_policy():
+  """A bfloat16 `hk.mixed_precision` policy: bf16 matmuls, float32 state."""
   cfg = dict(BASE, num_blocks=2)
   n_slots, f = cfg["mem_slots"], 6
 
-  def fn(xs, dtype):
-    core = RelationalMemory(**cfg, compute_dtype=dtype)
+  def fn(xs):
+    core = RelationalMemory(**cfg)
     out, state = core.unroll(xs, core.initial_state(B))
     step_out, step_state, info = core.step_with_info(xs[0],
                                                      core.initial_state(B))
     return out, state, step_state, info
 
-  t32 = hk.without_apply_rng(hk.transform(functools.partial(
-      fn, dtype=jnp.float32)))
-  t16 = hk.without_apply_rng(hk.transform(functools.partial(
-      fn, dtype=jnp.bfloat16)))
+  t = hk.without_apply_rng(hk.transform(fn))
   xs = _inputs(15, False)
-  shapes32 = jax.eval_shape(t32.init, jax.random.PRNGKey(0), xs)
-  shapes16 = jax.eval_shape(t16.init, jax.random.PRNGKey(0), xs)
-  # Parameters stay float32 whatever the compute dtype.
+  shapes = jax.eval_shape(t.init, jax.random.PRNGKey(0), xs)
+  params = _random_params(shapes, seed=16)
+  out32, state32, _, _ = jax.jit(t.apply)(params, xs)
+  policy = jmp.get_policy("params=float32,compute=bfloat16,output=float32")
+  with hk.mixed_precision.push_policy(RelationalMemory, policy):
+    # Parameters stay float32 under the policy.
+    shapes16 = jax.eval_shape(t.init, jax.random.PRNGKey(0), xs)
+    # A new function to trace: jax.jit(t.apply) would reuse the float32 trace.
+    out16, state16, step_state16, info16 = jax.jit(
+        lambda p, x: t.apply(p, x))(params, xs)
   assert jax.tree.map(lambda s: (s.shape, s.dtype), shapes16) == (
-      jax.tree.map(lambda s: (s.shape, s.dtype), shapes32))
-  params = _random_params(shapes32, seed=16)
-  out32, state32, _, _ = jax.jit(t32.apply)(params, xs)
-  out16, state16, step_state16, info16 = jax.jit(t16.apply)(params, xs)
+      jax.tree.map(lambda s: (s.shape, s.dtype), shapes))
   assert state16.dtype == jnp.float32 and step_state16.dtype == jnp.float32
   assert out16.dtype == jnp.float32
   assert state16.shape == (B, n_slots, f)

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from rmc_jax import RelationalMemory
+from rmc_jax.cores import relational_memory as rmc_module
 from rmc_jax.cores import relational_memory_unroll
 from tests import helpers
 
@@ -26,14 +27,45 @@ T, B = 5, 3
 MODES = ("dynamic_unroll", "store", "recompute")
 
 
-def _loss_fn(cfg, matrix, mode):
+# Resets and masks of the flags tests ([T, B]).
+RESET_TB = np.array([[0, 1, 0], [1, 0, 0], [0, 0, 1], [0, 1, 0], [1, 0, 0]],
+                    bool)
+MASK_TB = np.array([[1, 1, 0], [1, 0, 1], [0, 1, 1], [1, 1, 1], [1, 0, 1]],
+                   bool)
+
+
+class _ResetMaskedStep(hk.RNNCore):
+  """The slow path of resets and masks: ResetCore around a masked step."""
+
+  def __init__(self, core, matrix):
+    super().__init__(name="slow")
+    self._core, self._matrix = core, matrix
+
+  def __call__(self, inputs, state):
+    x, mask_B = inputs
+    out, new = self._core(x, state, self._matrix)
+    return (jnp.where(mask_B[:, None], out, 0.0),
+            jnp.where(mask_B[:, None, None], new, state))
+
+  def initial_state(self, batch_size):
+    return self._core.initial_state(batch_size)
+
+
+def _loss_fn(cfg, matrix, mode, flags=False):
   """A loss that weighs every output, the final state and every element."""
 
   def loss(xs, s0):
     core = RelationalMemory(**cfg, remat=(mode == "recompute"))
-    if mode == "dynamic_unroll":
+    if mode == "dynamic_unroll" and flags:
+      outputs, state = hk.dynamic_unroll(
+          hk.ResetCore(_ResetMaskedStep(core, matrix)),
+          ((xs, MASK_TB), RESET_TB), s0)
+    elif mode == "dynamic_unroll":
       step = (lambda x, s: core(x, s, True)) if matrix else core
       outputs, state = hk.dynamic_unroll(step, xs, s0)
+    elif flags:
+      outputs, state = core.unroll(xs, s0, matrix, reset_TB=RESET_TB,
+                                   mask_TB=MASK_TB)
     else:
       outputs, state = core.unroll(xs, s0, matrix)
     weights = jnp.arange(outputs.shape[-1], dtype=outputs.dtype) / 7.0
@@ -43,16 +75,17 @@ def _loss_fn(cfg, matrix, mode):
 
 
 @functools.lru_cache(maxsize=None)
-def _gradients(gate_style, num_blocks, matrix, extra=(), chunk_rows=None):
+def _gradients(gate_style, num_blocks, matrix, extra=(), chunk_rows=None,
+               flags=False):
   cfg = dict(mem_slots=3, head_size=4, num_heads=2, num_blocks=num_blocks,
              gate_style=gate_style, attention_mlp_layers=2,
-             compute_dtype=jnp.float64, **dict(extra))
+             **dict(extra))
   f = cfg["head_size"] * cfg["num_heads"]
   with jax.enable_x64(True):
     rng = np.random.default_rng(num_blocks)
     xs = rng.normal(size=(T, B, 2, 5) if matrix else (T, B, 7))
     s0 = rng.normal(size=(B, cfg["mem_slots"], f))
-    init = _loss_fn(cfg, matrix, "dynamic_unroll").init
+    init = _loss_fn(cfg, matrix, "dynamic_unroll", flags).init
     shapes = jax.eval_shape(init, jax.random.PRNGKey(0), xs, s0)
     # Random values everywhere (LayerNorm scales and biases too), float64.
     params = jax.tree.map(
@@ -63,7 +96,7 @@ def _gradients(gate_style, num_blocks, matrix, extra=(), chunk_rows=None):
     relational_memory_unroll._CHUNK_ROWS = chunk_rows or default_chunk_rows
     try:
       for mode in MODES:
-        grad_fn = jax.jit(jax.grad(_loss_fn(cfg, matrix, mode).apply,
+        grad_fn = jax.jit(jax.grad(_loss_fn(cfg, matrix, mode, flags).apply,
                                    argnums=(0, 1, 2)))
         grads[mode] = jax.tree.map(np.asarray, grad_fn(params, xs, s0))
     finally:
@@ -111,6 +144,49 @@ def test_fast_path_gradients_in_chunks(chunk_rows):
   grads = _gradients("unit", 2, False, (), chunk_rows)
   for mode in ("store", "recompute"):
     assert _max_relative_error(grads["dynamic_unroll"], grads[mode]) <= 1e-9
+
+
+@pytest.mark.parametrize("gate_style,matrix,chunk_rows", [
+    ("unit", False, None), ("memory", True, 20), (None, False, None)])
+def test_fast_path_gradients_with_resets_and_masks(gate_style, matrix,
+                                                   chunk_rows):
+  """unroll(reset_TB, mask_TB) vs hk.ResetCore around a masked step."""
+  grads = _gradients(gate_style, 2, matrix, (), chunk_rows, flags=True)
+  reference = grads["dynamic_unroll"]
+  assert min(np.max(np.abs(g)) for g in jax.tree.leaves(reference)) > 0
+  for mode in ("store", "recompute"):
+    assert _max_relative_error(reference, grads[mode]) <= 1e-9, mode
+
+
+def test_weight_positions_finds_every_weight_in_the_vjp():
+  """The contract of `weight_positions`: jax.vjp keeps closed-over weights
+  among its residuals as the very same objects. If JAX changes that, the
+  backward pass would store the weights at every step; this test fails."""
+  cfg = dict(mem_slots=2, head_size=4, num_heads=2, num_blocks=2)
+  found, matrices = [], []
+
+  def f(xs):
+    core = RelationalMemory(**cfg)
+    step_cfg, weights = rmc_module._recurrence(core)
+    x_TBnF, gates_TB2G = rmc_module._project_inputs(core, xs[:, :, None])
+    memory = core.initial_state(xs.shape[1])
+    taps = relational_memory_unroll._zero_taps(
+        step_cfg, weights, memory, x_TBnF[0], gates_TB2G[0])
+    _, vjp_fn, _ = relational_memory_unroll._vjp(
+        step_cfg, weights, (None, None), memory, x_TBnF[0], gates_TB2G[0],
+        taps)
+    found.append(relational_memory_unroll.weight_positions(
+        jax.tree.leaves(vjp_fn), weights))
+    matrices.append({i for i, a in enumerate(jax.tree.leaves(weights))
+                     if a.ndim == 2})
+    return jnp.zeros(())
+
+  jax.eval_shape(hk.transform(f).init, jax.random.PRNGKey(0),
+                 jnp.zeros((T, B, 3)))
+  # Every weight matrix inside the recurrence (2 qkv, 2 MLP layers,
+  # memory_to_gates) is found among the residuals.
+  assert len(matrices[0]) == 5
+  assert matrices[0] <= {i for i in found[0] if i is not None}, found[0]
 
 
 def test_backward_keeps_the_weights_once():

@@ -14,6 +14,12 @@ where clip(z) = clip(z, -clip_value, clip_value), C is the controller output
 size, I = `dnc_addressing.interface_size(R, H, W)` and O = output_size. The
 paper's y_t = W_y h_t + W_r r_t is the single Linear `output` on the
 concatenation.
+
+Mixed precision: the controller and the Linears compute in the dtype of
+their weights as fetched (an `hk.mixed_precision` policy's compute dtype,
+else the parameters' dtype); the memory access and the whole state run in
+float32 (or wider): usage, links and memory accumulate over many steps.
+Haiku casts the returned output and state to the policy's output dtype.
 """
 
 from __future__ import annotations
@@ -27,7 +33,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from rmc_jax.cores import dnc_addressing as addressing
+from rmc_jax.cores import state as state_lib
 from rmc_jax.cores.dnc_addressing import AccessState, TemporalLinkageState
+from rmc_jax.cores.linear import Linear
 from rmc_jax.cores.lstm import LSTMStack
 
 _CONTROLLERS = ("lstm", "feedforward")
@@ -59,7 +67,7 @@ class _FeedForwardController(hk.Module):
 
   def __init__(self, sizes: tuple[int, ...], name: str):
     super().__init__(name=name)
-    self._layers = [hk.Linear(s, name=f"linear_{i}")
+    self._layers = [Linear(s, name=f"linear_{i}")
                     for i, s in enumerate(sizes)]
 
   def __call__(self, x_BD: jax.Array) -> jax.Array:
@@ -71,7 +79,7 @@ class _FeedForwardController(hk.Module):
 class DNC(hk.RNNCore):
   """Differentiable Neural Computer with an LSTM or feedforward controller.
 
-  State: `DNCState`; output [B, output_size]. All float32.
+  State: `DNCState` (float32); output [B, output_size].
 
   Parameters (paths under this module's name, default 'dnc'):
     `controller/~/layer_{l}/{w_x,w_h,b}`: the `LSTMStack` controller
@@ -174,8 +182,8 @@ class DNC(hk.RNNCore):
     else:
       self._controller = _FeedForwardController(self.controller_sizes,
                                                 name="controller")
-    self._interface = hk.Linear(self.interface_size, name="interface")
-    self._output = hk.Linear(self.output_size, name="output")
+    self._interface = Linear(self.interface_size, name="interface")
+    self._output = Linear(self.output_size, name="output")
 
   # -- State ---------------------------------------------------------------
 
@@ -209,64 +217,91 @@ class DNC(hk.RNNCore):
       (output [B, O], next `DNCState`), without B for an unbatched state.
     """
     if prev_state.access.memory.ndim == 2:  # Unbatched (e.g. under vmap).
-      add = lambda a: a[None]
-      output, state = self._step(add(inputs), jax.tree.map(add, prev_state))
-      return output[0], jax.tree.map(lambda a: a[0], state)
-    return self._step(inputs, prev_state)
+      return state_lib.remove_batch_axis(self(
+          state_lib.add_batch_axis(inputs),
+          state_lib.add_batch_axis(prev_state)))
+    return _step(self, inputs, state_lib.widen(prev_state))
 
   # -- Unroll ----------------------------------------------------------------
 
-  def unroll(self, inputs: jax.Array, state: DNCState
+  def unroll(self, inputs: jax.Array, state: DNCState, *,
+             reset_TB: jax.Array | None = None,
+             mask_TB: jax.Array | None = None
              ) -> tuple[jax.Array, DNCState]:
     """Runs the core over time; equals `hk.dynamic_unroll(core, inputs, state)`.
 
-    A scan over `__call__`: the controller input depends on the previous
+    A scan over the step: the controller input depends on the previous
     step's reads, so nothing can be hoisted out of the loop.
 
     Args:
       inputs: time-major [T, B, ...] (or [T, ...] with an unbatched state).
       state: the `DNCState` at the first step.
+      reset_TB: optional bool [T, B] ([T] unbatched): where True, row b
+        starts step t from `initial_state` (as `hk.ResetCore` does).
+      mask_TB: optional bool [T, B] ([T] unbatched): where False, row b
+        skips step t: its state is carried unchanged (after any reset) and
+        its output at t is zeros.
 
     Returns:
-      (outputs [T, B, O], final `DNCState`).
+      (outputs [T, B, O], final `DNCState`); without B for an unbatched state.
     """
-    def step(s, x):
-      output, s = self(x, s)
+    if state.access.memory.ndim == 2:
+      add = lambda a: None if a is None else state_lib.add_batch_axis(a, 1)
+      outputs, state = self.unroll(add(inputs),
+                                   state_lib.add_batch_axis(state),
+                                   reset_TB=add(reset_TB), mask_TB=add(mask_TB))
+      return (state_lib.remove_batch_axis(outputs, 1),
+              state_lib.remove_batch_axis(state))
+    t, b = inputs.shape[:2]
+    flags_TB = (state_lib.step_flags(reset_TB, "reset_TB", (t, b)),
+                state_lib.step_flags(mask_TB, "mask_TB", (t, b)))
+    state = state_lib.widen(state)
+    initial = self.initial_state(b)
+
+    def step(s, xs):
+      x, (reset_B, mask_B) = xs
+      output, s = state_lib.reset_and_freeze(
+          lambda s: _step(self, x, s), initial, s, reset_B, mask_B)
       return s, output
 
-    state, outputs = hk.scan(step, state, inputs)
+    state, outputs = hk.scan(step, state, (inputs, flags_TB))
     return outputs, state
 
-  # -- Internals -------------------------------------------------------------
 
-  def _clip(self, x: jax.Array) -> jax.Array:
-    if self.clip_value is None:
-      return x
-    return jnp.clip(x, -self.clip_value, self.clip_value)
+# Helpers of `DNC` are functions, not methods: under a `hk.mixed_precision`
+# policy Haiku casts the arguments and results of every method of the core.
 
-  def _step(self, inputs: jax.Array, prev_state: DNCState
-            ) -> tuple[jax.Array, DNCState]:
-    """`__call__` on a batched state."""
-    b = inputs.shape[0]
-    x_BD = inputs.reshape(b, -1).astype(jnp.float32)
-    prev_reads_BRW = prev_state.read_vectors
-    controller_in = jnp.concatenate([x_BD, prev_reads_BRW.reshape(b, -1)], -1)
-    if self.controller_type == "lstm":
-      controller_out_BC, controller_state = self._controller(
-          controller_in, prev_state.controller)
-    else:
-      controller_out_BC, controller_state = self._controller(controller_in), ()
-    controller_out_BC = self._clip(controller_out_BC)
 
-    interface = addressing.parse_interface(
-        self._interface(controller_out_BC), self.num_reads, self.num_writes,
-        self.word_size)
-    reads_BRW, access = addressing.access_step(prev_state.access, interface)
+def _clip(x: jax.Array, clip_value: float | None) -> jax.Array:
+  if clip_value is None:
+    return x
+  return jnp.clip(x, -clip_value, clip_value)
 
-    output_BO = self._clip(self._output(
-        jnp.concatenate([controller_out_BC, reads_BRW.reshape(b, -1)], -1)))
-    return output_BO, DNCState(access=access, read_vectors=reads_BRW,
-                               controller=controller_state)
+
+def _step(core: DNC, inputs: jax.Array, prev_state: DNCState
+          ) -> tuple[jax.Array, DNCState]:
+  """`__call__` on a batched state, float32 (or wider)."""
+  b = inputs.shape[0]
+  prev_reads_BRW = prev_state.read_vectors
+  x_BD = inputs.reshape(b, -1).astype(prev_reads_BRW.dtype)
+  controller_in = jnp.concatenate([x_BD, prev_reads_BRW.reshape(b, -1)], -1)
+  if core.controller_type == "lstm":
+    controller_out_BC, controller_state = core._controller(
+        controller_in, prev_state.controller)
+  else:
+    controller_out_BC, controller_state = core._controller(controller_in), ()
+  controller_out_BC = _clip(controller_out_BC, core.clip_value)
+
+  interface = addressing.parse_interface(
+      core._interface(controller_out_BC).astype(prev_reads_BRW.dtype),
+      core.num_reads, core.num_writes, core.word_size)
+  reads_BRW, access = addressing.access_step(prev_state.access, interface)
+
+  output_BO = _clip(core._output(
+      jnp.concatenate([controller_out_BC, reads_BRW.reshape(b, -1)], -1)),
+      core.clip_value)
+  return output_BO, DNCState(access=access, read_vectors=reads_BRW,
+                             controller=controller_state)
 
 
 def _is_positive_int(value: Any) -> bool:

@@ -20,21 +20,36 @@ WORKSPACE_NOTES.md for the few documented options that depart from it):
 with N = mem_slots, F = head_size * num_heads, H = num_heads, d_v = head_size,
 d_k = key_size (default head_size) and n input rows (1 unless
 `treat_input_as_matrix`).
+
+Mixed precision follows Haiku: with `hk.mixed_precision.set_policy(
+RelationalMemory, jmp.get_policy("params=float32,compute=bfloat16,
+output=float32"))` the parameters are float32, the matmuls run in the dtype
+of the weights as fetched (the policy's compute dtype; without a policy the
+parameters' own dtype, e.g. float64 under x64), and LayerNorm, softmax,
+gates and the memory itself run in float32 (or wider). The memory is never
+kept in bfloat16: the gated update adds to the previous memory at every
+step and bfloat16 rounding would compound over time. `unroll` carries a
+float32 memory through its scan; Haiku casts the state `__call__` receives
+to the compute dtype, so `hk.dynamic_unroll` under a bfloat16 policy rounds
+the memory between steps, and agrees with `unroll` only to bfloat16
+accuracy. The custom VJP takes float32 weights (cast to the compute dtype
+inside) and sums their gradients in float32; they reach the parameters in
+the parameter dtype.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
-
 import haiku as hk
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from rmc_jax.cores import relational_memory_unroll
-from rmc_jax.cores.relational_memory_step import cast_weights
-from rmc_jax.cores.relational_memory_step import Dense
+from rmc_jax.cores import state as state_lib
+from rmc_jax.cores.linear import apply_dense
+from rmc_jax.cores.linear import Linear
+from rmc_jax.cores.relational_memory_step import initial_memory
 from rmc_jax.cores.relational_memory_step import Norm
 from rmc_jax.cores.relational_memory_step import step
 from rmc_jax.cores.relational_memory_step import StepConfig
@@ -42,26 +57,6 @@ from rmc_jax.cores.relational_memory_step import StepInfo
 from rmc_jax.cores.relational_memory_step import Weights
 
 _GATE_STYLES = ("unit", "memory", None)
-
-
-class _Dense(hk.Module):
-  """Parameters of an affine map, with Sonnet v1's initialisation.
-
-  Weights are truncated normal with stddev 1/sqrt(fan_in), biases zero, both
-  float32.
-  """
-
-  def __init__(self, output_size: int, name: str):
-    super().__init__(name=name)
-    self._output_size = output_size
-
-  def params(self, fan_in: int) -> Dense:
-    w = hk.get_parameter(
-        "w", [fan_in, self._output_size], jnp.float32,
-        init=hk.initializers.TruncatedNormal(stddev=1.0 / math.sqrt(fan_in)))
-    b = hk.get_parameter("b", [self._output_size], jnp.float32,
-                         init=jnp.zeros)
-    return w, b
 
 
 class _LayerNorm(hk.Module):
@@ -79,12 +74,12 @@ class _Block(hk.Module):
   def __init__(self, qkv_size: int, name: str):
     super().__init__(name=name)
     self._qkv_size = qkv_size
-    self._qkv = _Dense(qkv_size, name="qkv")
+    self._qkv = Linear(qkv_size, name="qkv")
     self._qkv_layer_norm = _LayerNorm(name="qkv_layer_norm")
     self._attention_layer_norm = _LayerNorm(name="attention_layer_norm")
     self._mlp_layer_norm = _LayerNorm(name="mlp_layer_norm")
 
-  def params(self, size: int) -> tuple[Dense, Norm, Norm, Norm]:
+  def params(self, size: int):
     return (self._qkv.params(size),
             self._qkv_layer_norm.params(self._qkv_size),
             self._attention_layer_norm.params(size),
@@ -97,16 +92,10 @@ class _RowMLP(hk.Module):
   def __init__(self, size: int, num_layers: int, name: str):
     super().__init__(name=name)
     self._size = size
-    self._layers = [_Dense(size, name=f"linear_{i}") for i in range(num_layers)]
+    self._layers = [Linear(size, name=f"linear_{i}") for i in range(num_layers)]
 
-  def params(self) -> tuple[Dense, ...]:
+  def params(self):
     return tuple(layer.params(self._size) for layer in self._layers)
-
-
-def _apply_dense(dense: Dense, x: jax.Array, compute_dtype: Any) -> jax.Array:
-  w, b = dense
-  return (jnp.dot(x.astype(compute_dtype), w.astype(compute_dtype))
-          + b.astype(compute_dtype))
 
 
 class RelationalMemory(hk.RNNCore):
@@ -149,7 +138,6 @@ class RelationalMemory(hk.RNNCore):
       *,
       legacy_attention_scale: bool = False,
       paper_variant: bool = False,
-      compute_dtype: Any = jnp.float32,
       remat: bool = False,
   ):
     """Constructs the core.
@@ -173,9 +161,6 @@ class RelationalMemory(hk.RNNCore):
         every block, as keys and values), and the gated update has no tanh
         on the attended memory (eq. 7). Attention weights are then
         [B, K, H, N, N+n].
-      compute_dtype: dtype of the matmuls (e.g. jnp.bfloat16 on accelerators).
-        Parameters and the memory state stay float32; LayerNorm and softmax
-        always run in float32.
       remat: in the backward pass of `unroll`, recompute each step's forward
         instead of storing its activations: less memory (0.13-0.31x of
         storing), one more forward pass of compute (and of weight reads).
@@ -216,7 +201,6 @@ class RelationalMemory(hk.RNNCore):
     self.forget_bias = float(forget_bias)
     self.input_bias = float(input_bias)
     self.attention_mlp_layers = int(attention_mlp_layers)
-    self.compute_dtype = jnp.dtype(compute_dtype)
     self.paper_variant = bool(paper_variant)
     self.remat = bool(remat)
     qkv_size = 2 * self.key_size + self.head_size
@@ -228,18 +212,18 @@ class RelationalMemory(hk.RNNCore):
         gate_style=gate_style, input_bias=self.input_bias,
         forget_bias=self.forget_bias, attention_scale=scale,
         paper_variant=self.paper_variant,
-        compute_dtype=self.compute_dtype.name)
+        compute_dtype="float32")  # Replaced per call by the weights' dtype.
 
     f = self.mem_size
-    self._input_projection = _Dense(f, name="input_projection")
+    self._input_projection = Linear(f, name="input_projection")
     self._blocks = [_Block(self.num_heads * qkv_size, name=f"block_{k}")
                     for k in range(self.num_blocks)]
     self._attention_mlp = _RowMLP(f, self.attention_mlp_layers,
                                   name="attention_mlp")
     if gate_style is not None:
       gate_size = f if gate_style == "unit" else 1
-      self._input_to_gates = _Dense(2 * gate_size, name="input_to_gates")
-      self._memory_to_gates = _Dense(2 * gate_size, name="memory_to_gates")
+      self._input_to_gates = Linear(2 * gate_size, name="input_to_gates")
+      self._memory_to_gates = Linear(2 * gate_size, name="memory_to_gates")
 
   # -- State ---------------------------------------------------------------
 
@@ -248,11 +232,10 @@ class RelationalMemory(hk.RNNCore):
 
     Returns [batch_size, N, F] float32, or [N, F] if batch_size is None.
     """
-    n, f = self.mem_slots, self.mem_size
-    memory_NF = jnp.eye(n, max(n, f), dtype=jnp.float32)[:, :f]
+    memory_NF = initial_memory(self.mem_slots, self.mem_size)
     if batch_size is None:
       return memory_NF
-    return jnp.broadcast_to(memory_NF, (batch_size, n, f))
+    return jnp.broadcast_to(memory_NF, (batch_size,) + memory_NF.shape)
 
   # -- One step --------------------------------------------------------------
 
@@ -263,12 +246,14 @@ class RelationalMemory(hk.RNNCore):
 
     Args:
       inputs: [B, ...] (flattened to one row) or, with treat_input_as_matrix,
-        [B, n, ...] (each of the n rows flattened and projected separately).
-      prev_state: memory [B, N, F].
+        [B, n, ...] (each of the n rows flattened and projected separately);
+        without the B axis when the state is unbatched.
+      prev_state: memory [B, N, F], or [N, F] (from `initial_state(None)`).
       treat_input_as_matrix: see `inputs`.
 
     Returns:
-      (output [B, N*F], next memory [B, N, F]).
+      (output [B, N*F], next memory [B, N, F]), without B for an unbatched
+      state.
     """
     output, state, _ = self.step_with_info(inputs, prev_state,
                                            treat_input_as_matrix)
@@ -277,11 +262,17 @@ class RelationalMemory(hk.RNNCore):
   def step_with_info(self, inputs: jax.Array, prev_state: jax.Array,
                      treat_input_as_matrix: bool = False
                      ) -> tuple[jax.Array, jax.Array, StepInfo]:
-    """Like `__call__`, and also returns the step's `StepInfo`."""
-    x_BnF, gates_in_B2G = self._project_inputs(
-        _input_rows(inputs, treat_input_as_matrix, batch_dims=1))
-    weights = cast_weights(self._weights(), self.compute_dtype)
-    memory_BNF, info, _, _ = step(self._step_config, weights, prev_state,
+    """Like `__call__`, and also returns the step's `StepInfo` (batched like
+    the state)."""
+    if prev_state.ndim == 2:
+      result = self.step_with_info(state_lib.add_batch_axis(inputs),
+                                   state_lib.add_batch_axis(prev_state),
+                                   treat_input_as_matrix)
+      return state_lib.remove_batch_axis(result)
+    x_BnF, gates_in_B2G = _project_inputs(
+        self, _input_rows(inputs, treat_input_as_matrix, batch_dims=1))
+    cfg, weights = _recurrence(self)
+    memory_BNF, info, _, _ = step(cfg, weights, state_lib.widen(prev_state),
                                   x_BnF, gates_in_B2G)
     return memory_BNF.reshape(memory_BNF.shape[0], -1), memory_BNF, info
 
@@ -289,6 +280,8 @@ class RelationalMemory(hk.RNNCore):
 
   def unroll(self, inputs: jax.Array, state: jax.Array,
              treat_input_as_matrix: bool = False, *,
+             reset_TB: jax.Array | None = None,
+             mask_TB: jax.Array | None = None,
              return_info: bool = False):
     """Runs the core over time; equals `hk.dynamic_unroll(core, inputs, state)`.
 
@@ -301,63 +294,96 @@ class RelationalMemory(hk.RNNCore):
 
     Args:
       inputs: time-major [T, B, ...] (or [T, B, n, ...] with
-        treat_input_as_matrix).
-      state: memory [B, N, F] at the first step.
+        treat_input_as_matrix); [T, ...] with an unbatched state.
+      state: memory [B, N, F] (or [N, F]) at the first step.
       treat_input_as_matrix: as in `__call__`.
+      reset_TB: optional bool [T, B] ([T] unbatched): where True, row b
+        starts step t from `initial_state` instead of its memory, as
+        `hk.ResetCore` around the core under `hk.dynamic_unroll` does.
+      mask_TB: optional bool [T, B] ([T] unbatched): where False, row b
+        skips step t: its memory is carried unchanged (after any reset at t)
+        and its output at t is zeros (the StepInfo is that of the skipped
+        step).
       return_info: also return the `StepInfo` of every step (time-major);
         this path is differentiated by plain autodiff.
 
     Returns:
       (outputs [T, B, N*F], final memory [B, N, F]) and, if return_info, the
-      stacked StepInfo as a third element.
+      stacked StepInfo as a third element; without B for an unbatched state.
     """
-    x_TBnF, gates_in_TB2G = self._project_inputs(
-        _input_rows(inputs, treat_input_as_matrix, batch_dims=2))
-    weights = self._weights()
+    if state.ndim == 2:
+      add = lambda a: None if a is None else state_lib.add_batch_axis(a, 1)
+      result = self.unroll(
+          add(inputs), state_lib.add_batch_axis(state), treat_input_as_matrix,
+          reset_TB=add(reset_TB), mask_TB=add(mask_TB),
+          return_info=return_info)
+      outputs, final = result[:2]
+      return (state_lib.remove_batch_axis(outputs, 1),
+              state_lib.remove_batch_axis(final),
+              *state_lib.remove_batch_axis(result[2:], 1))
+    t, b = inputs.shape[:2]
+    reset_TB = state_lib.step_flags(reset_TB, "reset_TB", (t, b))
+    mask_TB = state_lib.step_flags(mask_TB, "mask_TB", (t, b))
+    x_TBnF, gates_in_TB2G = _project_inputs(
+        self, _input_rows(inputs, treat_input_as_matrix, batch_dims=2))
+    cfg, weights = _recurrence(self)
+    state = state_lib.widen(state)
     if return_info:
-      w = cast_weights(weights, self.compute_dtype)
 
       def body(memory_BNF, xs):
-        memory_BNF, info, _, _ = step(self._step_config, w, memory_BNF, *xs)
+        x_BnF, gates_in_B2G, reset_B, mask_B = xs
+        memory_BNF, info, _, _ = step(cfg, weights, memory_BNF, x_BnF,
+                                      gates_in_B2G, reset_B=reset_B,
+                                      mask_B=mask_B)
         return memory_BNF, (memory_BNF, info)
 
       if self.remat:
         body = jax.checkpoint(body)
-      _, (memories_TBNF, info) = jax.lax.scan(body, state,
-                                              (x_TBnF, gates_in_TB2G))
+      _, (memories_TBNF, info) = jax.lax.scan(
+          body, state, (x_TBnF, gates_in_TB2G, reset_TB, mask_TB))
     else:
       memories_TBNF = relational_memory_unroll.unroll(
-          self._step_config, weights, x_TBnF, gates_in_TB2G, state,
-          recompute=self.remat)
-    outputs = memories_TBNF.reshape(*memories_TBNF.shape[:2], -1)
+          cfg, state_lib.widen(weights), x_TBnF, gates_in_TB2G, state,
+          recompute=self.remat, reset_TB=reset_TB, mask_TB=mask_TB)
+    outputs = state_lib.zero_masked(
+        mask_TB, memories_TBNF.reshape(*memories_TBNF.shape[:2], -1))
     if return_info:
       return outputs, memories_TBNF[-1], info
     return outputs, memories_TBNF[-1]
 
-  # -- Internals -------------------------------------------------------------
 
-  def _weights(self) -> Weights:
-    """Gets (creating at init) the parameters used inside the recurrence."""
-    f = self.mem_size
-    qkv, qkv_norm, attention_norm, mlp_norm = zip(
-        *[block.params(f) for block in self._blocks])
-    return Weights(
-        qkv=qkv, qkv_norm=qkv_norm, attention_norm=attention_norm,
-        mlp_norm=mlp_norm, mlp=self._attention_mlp.params(),
-        memory_to_gates=(None if self.gate_style is None
-                         else self._memory_to_gates.params(f)))
+# Helpers of `RelationalMemory` are functions, not methods: under a
+# `hk.mixed_precision` policy Haiku casts the results of every method of the
+# core to the policy's output dtype.
 
-  def _project_inputs(self, rows: jax.Array
-                      ) -> tuple[jax.Array, jax.Array | None]:
-    """[..., n, D] input rows -> (x' [..., n, F], gate input [..., 2G])."""
-    cd = self.compute_dtype
-    x = _apply_dense(self._input_projection.params(rows.shape[-1]), rows, cd)
-    if self.gate_style is None:
-      return x, None
-    x_flat = x.reshape(*x.shape[:-2], -1)
-    gates_in = _apply_dense(self._input_to_gates.params(x_flat.shape[-1]),
-                            x_flat, cd)
-    return x, gates_in
+
+def _recurrence(core: RelationalMemory) -> tuple[StepConfig, Weights]:
+  """Gets (creating at init) the parameters used inside the recurrence.
+
+  Returns them as fetched (in a policy's compute dtype) and the step
+  configuration with that compute dtype.
+  """
+  f = core.mem_size
+  qkv, qkv_norm, attention_norm, mlp_norm = zip(
+      *[block.params(f) for block in core._blocks])
+  weights = Weights(
+      qkv=qkv, qkv_norm=qkv_norm, attention_norm=attention_norm,
+      mlp_norm=mlp_norm, mlp=core._attention_mlp.params(),
+      memory_to_gates=(None if core.gate_style is None
+                       else core._memory_to_gates.params(f)))
+  cfg = core._step_config._replace(
+      compute_dtype=jnp.dtype(qkv[0][0].dtype).name)
+  return cfg, weights
+
+
+def _project_inputs(core: RelationalMemory, rows: jax.Array
+                    ) -> tuple[jax.Array, jax.Array | None]:
+  """[..., n, D] input rows -> (x' [..., n, F], gate input [..., 2G])."""
+  x = core._input_projection(rows)
+  if core.gate_style is None:
+    return x, None
+  x_flat = x.reshape(*x.shape[:-2], -1)
+  return x, core._input_to_gates(x_flat)
 
 
 def _input_rows(inputs: jax.Array, treat_input_as_matrix: bool,

@@ -2,9 +2,9 @@
 
 `RelationalMemory` gathers its parameters into `Weights` and calls `step`;
 every path (`__call__`, `unroll`, `unroll(return_info=True)`) runs this one
-implementation. `step` also serves the custom-VJP unroll
-(`relational_memory_unroll`): it can add zero "taps" to the output of every
-Linear inside the recurrence (their cotangents are the Linears' output
+implementation, resets and masks of `unroll` included. `step` also serves
+the custom-VJP unroll (`relational_memory_unroll`): it can add zero "taps" to
+the output of every Linear inside the recurrence (their cotangents are the Linears' output
 gradients) and it returns every Linear's input, which is all their weight
 gradients need.
 
@@ -21,14 +21,21 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from rmc_jax.cores.linear import Dense
+from rmc_jax.cores.state import reset_and_freeze
+from rmc_jax.cores.state import wide_dtype as _wide
+
 LAYER_NORM_EPS = 1e-5  # Sonnet v1's snt.LayerNorm default.
 
-Dense = tuple[jax.Array, jax.Array]  # (w [in, out], b [out])
 Norm = tuple[jax.Array, jax.Array]   # (scale [size], offset [size])
 
 
 class StepConfig(NamedTuple):
-  """Static (hashable) description of the step."""
+  """Static (hashable) description of the step.
+
+  compute_dtype is the dtype of the Dense weights as fetched (the policy's
+  compute dtype under `hk.mixed_precision`, else the parameters' dtype).
+  """
   mem_slots: int
   num_heads: int
   head_size: int
@@ -47,7 +54,8 @@ class Weights(NamedTuple):
   """The parameters used inside the recurrence.
 
   Dense weights are in the compute dtype when passed to `step` (see
-  `cast_weights`); LayerNorm parameters always float32.
+  `cast_weights`); LayerNorms compute in float32 (or wider) whatever the
+  dtype of their parameters.
   """
   qkv: tuple[Dense, ...]             # per block
   qkv_norm: tuple[Norm, ...]         # per block
@@ -83,9 +91,10 @@ def cast_weights(weights: Weights, compute_dtype: Any) -> Weights:
       memory_to_gates=cast(weights.memory_to_gates))
 
 
-def _wide(dtype: Any) -> Any:
-  """float32 for narrower dtypes (bfloat16), else the dtype itself."""
-  return jnp.promote_types(dtype, jnp.float32)
+def initial_memory(mem_slots: int, mem_size: int, dtype: Any = jnp.float32
+                   ) -> jax.Array:
+  """The identity memory [N, F], zero-padded or truncated to F columns."""
+  return jnp.eye(mem_slots, max(mem_slots, mem_size), dtype=dtype)[:, :mem_size]
 
 
 def _layer_norm(x: jax.Array, norm: Norm) -> jax.Array:
@@ -152,7 +161,8 @@ def _attention_block(cfg: StepConfig, weights: Weights, tape: _Tape, k: int,
 
 def step(cfg: StepConfig, weights: Weights, memory_BNF: jax.Array,
          x_BnF: jax.Array, gates_in_B2G: jax.Array | None,
-         taps: dict[str, jax.Array] | None = None
+         taps: dict[str, jax.Array] | None = None,
+         reset_B: jax.Array | None = None, mask_B: jax.Array | None = None
          ) -> tuple[jax.Array, StepInfo, dict[str, jax.Array],
                     dict[str, jax.Array]]:
   """The part of a step that depends on the previous memory.
@@ -160,16 +170,37 @@ def step(cfg: StepConfig, weights: Weights, memory_BNF: jax.Array,
   Args:
     cfg: the static configuration.
     weights: the recurrence's weights (Dense ones in the compute dtype).
-    memory_BNF: previous memory [B, N, F], float32 (or float64 with a
-      float64 compute dtype).
+    memory_BNF: previous memory [B, N, F], float32 or wider.
     x_BnF: the projected input rows [B, n, F].
     gates_in_B2G: the input's gate contribution [B, 2G] (None without gates).
     taps: optional arrays added to the layer outputs, by layer key.
+    reset_B: optional bool [B]: those rows start from `initial_memory`.
+    mask_B: optional bool [B]: rows where False keep their memory (after any
+      reset) instead of taking the new one.
 
   Returns:
-    (next memory [B, N, F] (float32 or wider), StepInfo, layer inputs by key, layer
-    outputs before the taps by key).
+    (next memory [B, N, F] in memory_BNF's dtype, StepInfo, layer inputs by
+    key, layer outputs before the taps by key).
   """
+  results = []
+
+  def advance(memory_BNF):
+    next_memory, *rest = _step(cfg, weights, memory_BNF, x_BnF, gates_in_B2G,
+                               taps)
+    results.extend(rest)
+    return None, next_memory
+
+  initial = initial_memory(cfg.mem_slots, cfg.num_heads * cfg.head_size,
+                           memory_BNF.dtype)
+  _, next_memory = reset_and_freeze(advance, initial, memory_BNF, reset_B,
+                                    mask_B)
+  return (next_memory, *results)
+
+
+def _step(cfg: StepConfig, weights: Weights, memory_BNF: jax.Array,
+          x_BnF: jax.Array, gates_in_B2G: jax.Array | None,
+          taps: dict[str, jax.Array] | None):
+  """`step` without resets or masks; the next memory is float32 or wider."""
   cd = jnp.dtype(cfg.compute_dtype)
   wide = _wide(cd)
   tape = _Tape(taps)

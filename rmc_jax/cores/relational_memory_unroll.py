@@ -23,6 +23,14 @@ Two ways to get each step's backward (the `recompute` flag):
   recompute: the forward scan keeps only the memory of every step; the
     reverse scan reruns each step's forward to get its VJP and X (one more
     forward pass of FLOPs; only one chunk's activations are ever kept).
+
+Resets and masks (`reset_TB`, `mask_TB`) are part of each step (`step`
+selects the initial memory before it and the old memory after it), so the
+VJP of a step covers them; they get no gradient.
+
+Dtypes: the weights come in float32 (or wider) and are cast to
+`cfg.compute_dtype` inside; their gradients are accumulated and returned in
+the dtype they came in.
 """
 
 from __future__ import annotations
@@ -46,34 +54,39 @@ _CHUNK_ROWS = 4096
 
 def unroll(cfg: StepConfig, weights: Weights, x_TBnF: jax.Array,
            gates_in_TB2G: jax.Array | None, memory_BNF: jax.Array,
-           recompute: bool = False) -> jax.Array:
+           recompute: bool = False, reset_TB: jax.Array | None = None,
+           mask_TB: jax.Array | None = None) -> jax.Array:
   """Runs `step` over time; returns the memory after every step [T, B, N, F].
 
   Args:
     cfg: the step's static configuration.
-    weights: the recurrence's weights (float32 parameters).
+    weights: the recurrence's weights, float32 (or wider).
     x_TBnF: the projected input rows of every step.
     gates_in_TB2G: the input's gate contribution of every step, or None.
-    memory_BNF: the memory before the first step.
+    memory_BNF: the memory before the first step, float32 (or wider).
     recompute: recompute each step's forward in the backward pass instead of
       storing its activations.
+    reset_TB: optional bool: start step t of row b from the initial memory.
+    mask_TB: optional bool: where False, row b keeps its memory at step t.
   """
   if x_TBnF.shape[0] < 1:
     raise ValueError("RelationalMemory.unroll: the inputs need at least one "
                      f"time step, got shape {x_TBnF.shape}.")
   return _unroll(cfg, bool(recompute), weights, x_TBnF, gates_in_TB2G,
-                 memory_BNF)
+                 memory_BNF, reset_TB, mask_TB)
 
 
 def _norms(w: Weights):
   return w.qkv_norm, w.attention_norm, w.mlp_norm
 
 
-def _step_fn(cfg, w, memory, x, gates_in, taps, norms):
-  """The step as differentiated: LayerNorm parameters are inputs, Linears not."""
+def _step_fn(cfg, w, flags, memory, x, gates_in, taps, norms):
+  """The step as differentiated: LayerNorm parameters are inputs, Linears not;
+  flags = (reset_B, mask_B) are per-step constants."""
   w = w._replace(qkv_norm=norms[0], attention_norm=norms[1],
                  mlp_norm=norms[2])
-  next_memory, _, layer_inputs, _ = step(cfg, w, memory, x, gates_in, taps)
+  next_memory, _, layer_inputs, _ = step(cfg, w, memory, x, gates_in, taps,
+                                         *flags)
   return next_memory, layer_inputs
 
 
@@ -82,7 +95,35 @@ def _zero_taps(cfg, w, memory, x, gates_in) -> dict[str, jax.Array]:
   return {k: jnp.zeros(s.shape, s.dtype) for k, s in outputs.items()}
 
 
-def _split_vjp(cfg, w, memory, x, gates_in, taps):
+def _vjp(cfg, w, flags, memory, x, gates_in, taps):
+  """The step's next memory, VJP and layer inputs."""
+  return jax.vjp(functools.partial(_step_fn, cfg, w, flags), memory, x,
+                 gates_in, taps, _norms(w), has_aux=True)
+
+
+def weight_positions(vjp_leaves, weights: Weights) -> tuple[int | None, ...]:
+  """Which leaves of a step's VJP are the weights themselves.
+
+  Returns, for each of `vjp_leaves`, its position among the leaves of
+  `weights` if it is one of those very arrays (by identity), else None.
+
+  Why identity: `jax.vjp` keeps the values a function closes over (here the
+  weights, shared by every step) among the residuals of its VJP as the same
+  objects (tracers), unchanged; that is the only way to tell them apart from
+  the per-step activations without knowing how JAX lays out a VJP. The
+  stored-activations backward keeps those leaves once, outside the forward
+  scan, instead of once per step.
+
+  If JAX ever copies or wraps closed-over values, no leaf is found: every
+  residual, weights included, is then stored once per step. Gradients stay
+  exact but the backward pass needs T copies of the weights;
+  `tests/test_relational_memory_unroll.py` checks that the weights are found.
+  """
+  by_id = {id(a): i for i, a in enumerate(jax.tree.leaves(weights))}
+  return tuple(by_id.get(id(a)) for a in vjp_leaves)
+
+
+def _split_vjp(cfg, w, flags, memory, x, gates_in, taps):
   """The step's value, layer inputs and VJP, the VJP split for storage.
 
   Returns (next memory, layer inputs, per-step residuals, layout), where
@@ -90,84 +131,87 @@ def _split_vjp(cfg, w, memory, x, gates_in, taps):
   position in `w`'s leaves of the VJP's leaf j when that leaf is a weight
   (kept once, not per step), else None (the leaf is the next per-step one).
   """
-  next_memory, vjp_fn, layer_inputs = jax.vjp(
-      functools.partial(_step_fn, cfg, w), memory, x, gates_in, taps,
-      _norms(w), has_aux=True)
+  next_memory, vjp_fn, layer_inputs = _vjp(cfg, w, flags, memory, x,
+                                           gates_in, taps)
   leaves, treedef = jax.tree.flatten(vjp_fn)
-  weight_index = {id(a): i for i, a in enumerate(jax.tree.leaves(w))}
-  index = tuple(weight_index.get(id(a)) for a in leaves)
+  index = weight_positions(leaves, w)
   per_step = [a for a, i in zip(leaves, index) if i is None]
   return next_memory, layer_inputs, per_step, (treedef, index)
 
 
-def _layout(cfg, w, memory, x, gates_in, taps):
+def _layout(cfg, w, flags, memory, x, gates_in, taps):
   layouts = []
 
   def trace(*args):
     layouts.append(_split_vjp(cfg, *args)[3])
 
-  jax.eval_shape(trace, w, memory, x, gates_in, taps)
+  jax.eval_shape(trace, w, flags, memory, x, gates_in, taps)
   return layouts[0]
 
 
-def _memories(cfg, weights, x_TBnF, gates_in_TB2G, memory_BNF):
+def _memories(cfg, weights, x_TBnF, gates_in_TB2G, memory_BNF, flags_TB):
   """The plain forward scan: the memory after every step."""
   w = cast_weights(weights, cfg.compute_dtype)
 
   def body(memory, xs):
-    memory = step(cfg, w, memory, *xs)[0]
+    x, gates_in, flags = xs
+    memory = step(cfg, w, memory, x, gates_in, None, *flags)[0]
     return memory, memory
 
-  return jax.lax.scan(body, memory_BNF, (x_TBnF, gates_in_TB2G))[1]
+  return jax.lax.scan(body, memory_BNF, (x_TBnF, gates_in_TB2G, flags_TB))[1]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _unroll(cfg, recompute, weights, x_TBnF, gates_in_TB2G, memory_BNF):
+def _unroll(cfg, recompute, weights, x_TBnF, gates_in_TB2G, memory_BNF,
+            reset_TB, mask_TB):
   del recompute  # Only the backward pass differs.
-  return _memories(cfg, weights, x_TBnF, gates_in_TB2G, memory_BNF)
+  return _memories(cfg, weights, x_TBnF, gates_in_TB2G, memory_BNF,
+                   (reset_TB, mask_TB))
 
 
-def _unroll_fwd(cfg, recompute, weights, x_TBnF, gates_in_TB2G, memory_BNF):
+def _unroll_fwd(cfg, recompute, weights, x_TBnF, gates_in_TB2G, memory_BNF,
+                reset_TB, mask_TB):
+  flags_TB = (reset_TB, mask_TB)
   if recompute:
-    memories = _memories(cfg, weights, x_TBnF, gates_in_TB2G, memory_BNF)
-    return memories, (weights, x_TBnF, gates_in_TB2G, memory_BNF, memories,
-                      None)
+    memories = _memories(cfg, weights, x_TBnF, gates_in_TB2G, memory_BNF,
+                         flags_TB)
+    return memories, (weights, x_TBnF, gates_in_TB2G, memory_BNF, flags_TB,
+                      memories, None)
   w = cast_weights(weights, cfg.compute_dtype)
-  first = (memory_BNF, x_TBnF[0], _at(gates_in_TB2G, 0))
-  taps = _zero_taps(cfg, w, *first)
+  first = (_at(flags_TB, 0), memory_BNF, x_TBnF[0], _at(gates_in_TB2G, 0))
+  taps = _zero_taps(cfg, w, *first[1:])
   layout = _layout(cfg, w, *first, taps)
 
   def body(memory, xs):
+    x, gates_in, flags = xs
     memory, layer_inputs, per_step, step_layout = _split_vjp(
-        cfg, w, memory, *xs, taps)
+        cfg, w, flags, memory, x, gates_in, taps)
     if step_layout[1] != layout[1]:  # Treedefs hold jaxprs: not comparable.
       raise AssertionError("RelationalMemory.unroll: the step's VJP changed "
                            "structure between traces.")
     return memory, (memory, layer_inputs, per_step)
 
   _, (memories, layer_inputs, per_step) = jax.lax.scan(
-      body, memory_BNF, (x_TBnF, gates_in_TB2G))
-  return memories, (weights, x_TBnF, gates_in_TB2G, memory_BNF, memories,
-                    (layer_inputs, per_step))
+      body, memory_BNF, (x_TBnF, gates_in_TB2G, flags_TB))
+  return memories, (weights, x_TBnF, gates_in_TB2G, memory_BNF, flags_TB,
+                    memories, (layer_inputs, per_step))
 
 
 def _unroll_bwd(cfg, recompute, residuals, ct_memories_TBNF):
-  weights, x_TBnF, gates_in_TB2G, memory_BNF, memories_TBNF, stored = (
-      residuals)
+  (weights, x_TBnF, gates_in_TB2G, memory_BNF, flags_TB, memories_TBNF,
+   stored) = residuals
   w = cast_weights(weights, cfg.compute_dtype)
-  first = (memory_BNF, x_TBnF[0], _at(gates_in_TB2G, 0))
-  taps = _zero_taps(cfg, w, *first)
+  first = (_at(flags_TB, 0), memory_BNF, x_TBnF[0], _at(gates_in_TB2G, 0))
+  taps = _zero_taps(cfg, w, *first[1:])
 
   if recompute:
     previous_TBNF = jnp.concatenate([memory_BNF[None], memories_TBNF[:-1]])
-    steps = (ct_memories_TBNF, previous_TBNF, x_TBnF, gates_in_TB2G)
+    steps = (ct_memories_TBNF, flags_TB, previous_TBNF, x_TBnF, gates_in_TB2G)
     stored_inputs = None
 
     def step_bwd(carry, t):
-      ct_t, memory, x, gates_in = _at(steps, t)
-      _, vjp_fn, layer_inputs = jax.vjp(
-          functools.partial(_step_fn, cfg, w), memory, x, gates_in, taps,
-          _norms(w), has_aux=True)
+      ct_t, flags, memory, x, gates_in = _at(steps, t)
+      _, vjp_fn, layer_inputs = _vjp(cfg, w, flags, memory, x, gates_in, taps)
       return _apply_vjp(vjp_fn, carry, ct_t, layer_inputs)
   else:
     stored_inputs, per_step = stored
@@ -223,7 +267,7 @@ def _unroll_bwd(cfg, recompute, residuals, ct_memories_TBNF):
       qkv=qkv, qkv_norm=ct_norms[0], attention_norm=ct_norms[1],
       mlp_norm=ct_norms[2], mlp=mlp, memory_to_gates=memory_to_gates)
   ct_x, ct_gates = ct_step_inputs
-  return ct_weights, ct_x, ct_gates, ct_memory0
+  return ct_weights, ct_x, ct_gates, ct_memory0, None, None
 
 
 def _at(tree, t):

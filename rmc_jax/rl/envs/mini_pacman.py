@@ -69,6 +69,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rmc_jax.rl.envs import grid
 from rmc_jax.rl.envs import spec as specs
 
 MAZE = (
@@ -164,7 +165,7 @@ def sorted_indices(indices: list[jax.Array]) -> list[jax.Array]:
   return list(jnp.sort(jnp.stack(indices)))
 
 
-class MiniPacman(specs.Environment):
+class MiniPacman(grid.GridEnvironment):
   """Mini Pac-Man; see the module docstring for the rules and rewards."""
 
   def __init__(self, mode: str = "regular", viewport: int | None = None,
@@ -210,20 +211,13 @@ class MiniPacman(specs.Environment):
     if mode not in MODES:
       raise ValueError(f"MiniPacman: mode must be one of {MODES}, got "
                        f"{mode!r}.")
-    if viewport is not None and (viewport < 1 or viewport % 2 == 0):
-      raise ValueError(f"MiniPacman: viewport must be a positive odd size or "
-                       f"None, got {viewport!r}.")
-    if observation_type not in ("planes", "rgb"):
-      raise ValueError("MiniPacman: observation_type must be 'planes' or "
-                       f"'rgb', got {observation_type!r}.")
+    super().__init__(NUM_ACTIONS, viewport, observation_type,
+                     ("planes", "rgb"), frame_cap, frame_cap_discount)
     for name, value in (("max_ghosts", max_ghosts), ("num_pills", num_pills),
                         ("pill_duration", pill_duration)):
       if value < 1:
         raise ValueError(f"MiniPacman: {name} must be >= 1, got {value}.")
     self.mode = mode
-    self.viewport = viewport
-    self.frame_cap = int(frame_cap or 0)
-    self.observation_type = observation_type
     self.max_ghosts = int(max_ghosts)
     self.num_pills = int(num_pills)
     self.pill_duration = int(pill_duration)
@@ -232,7 +226,6 @@ class MiniPacman(specs.Environment):
     self.ghost_randomness = float(ghost_randomness)
     self.ghost_safe_distance = int(ghost_safe_distance)
     self.avoid_level_steps = int(avoid_level_steps)
-    self.frame_cap_discount = float(frame_cap_discount)
     self.rewards = Rewards(*rewards) if rewards is not None else REWARDS[mode]
     # Spawn table: for Pac-Man on free cell i, the free cells j at Chebyshev
     # distance >= ghost_safe_distance are _spawn_NN[i, :_num_spawn_N[i]].
@@ -247,8 +240,6 @@ class MiniPacman(specs.Environment):
     self._spawn_NN = np.zeros_like(cheb_NN, dtype=np.int32)
     for i, row in enumerate(allowed_NN):
       self._spawn_NN[i, :row.sum()] = np.flatnonzero(row)
-    pad = (viewport or 1) // 2
-    self._padded_walls_PQ = np.pad(WALLS_HW, pad, constant_values=True)
 
   # -- Specs -------------------------------------------------------------------
 
@@ -258,9 +249,6 @@ class MiniPacman(specs.Environment):
     channels = NUM_PLANES if self.observation_type == "planes" else 3
     return specs.BoundedArraySpec((h, w, channels), np.float32, "observation",
                                   0.0, 1.0)
-
-  def action_spec(self) -> specs.DiscreteArraySpec:
-    return specs.discrete_spec(NUM_ACTIONS)
 
   # -- Dynamics ----------------------------------------------------------------
 
@@ -357,8 +345,7 @@ class MiniPacman(specs.Environment):
     power = jnp.maximum(state.power - 1, 0)
 
     # Pac-Man.
-    action = jnp.clip(jnp.asarray(action, jnp.int32), 0, NUM_ACTIONS - 1)
-    target_2 = state.pacman_2 + jnp.asarray(ACTION_DELTAS_A2)[action]
+    target_2 = grid.move_target(state.pacman_2, action, ACTION_DELTAS_A2)
     pacman_2 = jnp.where(walls_HW[target_2[0], target_2[1]], state.pacman_2,
                          target_2)
     pr, pc = pacman_2[0], pacman_2[1]
@@ -419,11 +406,8 @@ class MiniPacman(specs.Environment):
         lambda: self._new_level(u_level, state.level + 1, frame, next_key),
         lambda: stepped)
 
-    truncated = (frame >= self.frame_cap) if self.frame_cap else jnp.zeros(
-        (), bool)
-    timestep = specs.transition(self.observe(new_state), reward, killed,
-                                truncated, self.frame_cap_discount)
-    return new_state, timestep
+    return new_state, self.end_step(self.observe(new_state), reward, killed,
+                                    frame)
 
   # -- Observations ------------------------------------------------------------
 
@@ -450,15 +434,9 @@ class MiniPacman(specs.Environment):
     """The observation of `state` as described by observation_spec()."""
     planes_HWC = self.planes(state)
     if self.viewport is not None:
-      v, pad = self.viewport, self.viewport // 2
-      padded_PQC = jnp.pad(planes_HWC, ((pad, pad), (pad, pad), (0, 0)))
-      padded_PQC = padded_PQC.at[..., WALLS].set(
-          jnp.asarray(self._padded_walls_PQ, jnp.float32))
-      # Pac-Man sits at pacman + pad in the padded grid: the window starts
-      # at pacman.
-      planes_HWC = jax.lax.dynamic_slice(
-          padded_PQC, (state.pacman_2[0], state.pacman_2[1], 0),
-          (v, v, NUM_PLANES))
+      # Outside the maze: walls.
+      planes_HWC = grid.crop_window(planes_HWC, state.pacman_2, self.viewport,
+                                    np.eye(NUM_PLANES)[WALLS])
     if self.observation_type == "rgb":
       return planes_to_rgb(planes_HWC)
     return planes_HWC

@@ -9,6 +9,7 @@ import haiku as hk
 import jax
 import jax.numpy as jnp
 
+from rmc_jax.cores.convlstm import ConvLSTM
 from rmc_jax.cores.dnc import DNC, DNCState
 from rmc_jax.cores.lstm import LSTMStack
 from rmc_jax.cores.relational_memory import RelationalMemory
@@ -18,6 +19,7 @@ CORES: dict[str, Callable[..., hk.RNNCore]] = {
     "rmc": RelationalMemory,
     "lstm": LSTMStack,
     "dnc": DNC,
+    "convlstm": ConvLSTM,
 }
 
 
@@ -55,5 +57,5 @@ def select_state(mask_B: jax.Array, if_true: Any, if_false: Any) -> Any:
   return jax.tree.map(select, if_true, if_false)
 
 
-__all__ = ["CORES", "DNC", "DNCState", "LSTMStack", "RelationalMemory",
-           "StepInfo", "make_core", "select_state"]
+__all__ = ["CORES", "ConvLSTM", "DNC", "DNCState", "LSTMStack",
+           "RelationalMemory", "StepInfo", "make_core", "select_state"]

@@ -20,7 +20,10 @@ The game follows the description and rules of I2A's "MiniPacman":
   it keeps going (turning with it at corners); at a junction it takes the
   exit best aligned with the direction to Pac-Man (least aligned, i.e. flees,
   while edible), or with probability 0.05 (only when not edible) a random
-  exit other than going back.
+  exit other than going back. Equally good exits go to the first in
+  `ghost_tie_order`: PillEater's right, up, left, down ('pilleater'), or up,
+  down, left, right ('up_down_left_right'); the same order ranks the exits
+  for the random choice and for a turn where a corner offers two.
 * Collisions are checked after Pac-Man's move and again after the ghosts'
   move (a Pac-Man and a ghost that swap cells do not meet, as in I2A). A ghost
   on Pac-Man's cell is eaten (removed until the next level) if edible,
@@ -55,8 +58,10 @@ Observation (`observation_type='planes'`, float32 [H, W, 6], values in
 [0, 1]), channels in I2A's order: 0 walls, 1 food, 2 Pac-Man, 3 ghosts
 (1 - e), 4 edible ghosts (e), 5 pills, where e = power / pill_duration is the
 remaining fraction of the pill's effect, so a ghost's two channels sum to 1.
-`observation_type='rgb'` gives I2A's 3-channel rendering instead (Pac-Man
-green, ghost (1, e, 0), pill cyan, food blue, wall white; that priority).
+`observation_type='rgb'` gives I2A's 3-channel rendering instead, the
+observation PillEater returns (Pac-Man green, ghost (1, e, 0), pill cyan,
+food blue, wall white, else black; in that priority, so a ghost hides the
+food or pill under it, which the planes show).
 With `viewport=v` (odd) the observation is the v x v window centred on
 Pac-Man, cut from the full observation padded with walls ([v, v, C]).
 """
@@ -106,6 +111,11 @@ WALLS, FOOD, PACMAN, GHOSTS, EDIBLE_GHOSTS, PILLS = range(6)
 NUM_PLANES = 6
 
 MODES = ("regular", "avoid", "hunt", "ambush", "rush")
+
+# Ghost directions (0 up, 1 down, 2 left, 3 right) in the order in which
+# equally good exits are preferred.
+GHOST_TIE_ORDERS = {"pilleater": (3, 0, 2, 1),
+                    "up_down_left_right": (0, 1, 2, 3)}
 
 
 class Rewards(NamedTuple):
@@ -179,6 +189,7 @@ class MiniPacman(grid.GridEnvironment):
                ghost_randomness: float = 0.05,
                ghost_safe_distance: int = 5,
                avoid_level_steps: int = 128,
+               ghost_tie_order: str = "pilleater",
                frame_cap_discount: float = 1.0,
                rewards: Rewards | None = None):
     """Configures the game (the defaults are I2A's).
@@ -200,19 +211,24 @@ class MiniPacman(grid.GridEnvironment):
       ghost_safe_distance: minimum Chebyshev distance of a spawning ghost
         from Pac-Man.
       avoid_level_steps: level length in 'avoid' mode.
+      ghost_tie_order: a key of GHOST_TIE_ORDERS: which of equally good
+        exits a ghost takes (PillEater's order by default).
       frame_cap_discount: discount of the LAST timestep at the frame cap
         (1: a truncation; 0 treats the cap as terminal, as I2A's pcontinue).
       rewards: overrides the mode's reward table.
 
     Raises:
-      ValueError: on an unknown mode or observation_type, an even or
-        non-positive viewport, or sizes below 1.
+      ValueError: on an unknown mode, observation_type or ghost_tie_order,
+        an even or non-positive viewport, or sizes below 1.
     """
     if mode not in MODES:
       raise ValueError(f"MiniPacman: mode must be one of {MODES}, got "
                        f"{mode!r}.")
     super().__init__(NUM_ACTIONS, viewport, observation_type,
                      ("planes", "rgb"), frame_cap, frame_cap_discount)
+    if ghost_tie_order not in GHOST_TIE_ORDERS:
+      raise ValueError("MiniPacman: ghost_tie_order must be one of "
+                       f"{tuple(GHOST_TIE_ORDERS)}, got {ghost_tie_order!r}.")
     for name, value in (("max_ghosts", max_ghosts), ("num_pills", num_pills),
                         ("pill_duration", pill_duration)):
       if value < 1:
@@ -226,6 +242,7 @@ class MiniPacman(grid.GridEnvironment):
     self.ghost_randomness = float(ghost_randomness)
     self.ghost_safe_distance = int(ghost_safe_distance)
     self.avoid_level_steps = int(avoid_level_steps)
+    self.ghost_tie_order = ghost_tie_order
     self.rewards = Rewards(*rewards) if rewards is not None else REWARDS[mode]
     # Spawn table: for Pac-Man on free cell i, the free cells j at Chebyshev
     # distance >= ghost_safe_distance are _spawn_NN[i, :_num_spawn_N[i]].
@@ -313,18 +330,23 @@ class MiniPacman(grid.GridEnvironment):
     """One ghost's next (cell [2], direction []) if it moves this step.
 
     u_explore and u_exit are uniforms for the random junction choice.
+    Candidates are ranked in ghost_tie_order, so the first best one wins.
     """
     walls_HW = jnp.asarray(WALLS_HW)
+    order_4 = jnp.asarray(GHOST_TIE_ORDERS[self.ghost_tie_order])
     dirs_42 = jnp.asarray(_DIRS_42)
     next_42 = pos_2 + dirs_42
     open_4 = ~walls_HW[next_42[:, 0], next_42[:, 1]]
     not_back_4 = open_4 & (jnp.arange(4) != (dir_ ^ 1))
     exits_4 = jnp.where(not_back_4.any(), not_back_4, open_4)  # dead end
-    corridor_dir = jnp.where(exits_4[dir_], dir_, jnp.argmax(exits_4))
+    ranked_exits_4 = exits_4[order_4]
+    corridor_dir = jnp.where(exits_4[dir_], dir_,
+                             order_4[jnp.argmax(ranked_exits_4)])
     towards_4 = dirs_42 @ (pacman_2 - pos_2)
     preference_4 = jnp.where(edible, -towards_4, towards_4).astype(jnp.float32)
-    greedy_dir = jnp.argmax(jnp.where(exits_4, preference_4, -jnp.inf))
-    random_dir = specs.random_index(u_exit, exits_4)
+    greedy_dir = order_4[jnp.argmax(
+        jnp.where(ranked_exits_4, preference_4[order_4], -jnp.inf))]
+    random_dir = order_4[specs.random_index(u_exit, ranked_exits_4)]
     explore = (~edible) & (u_explore < self.ghost_randomness)
     junction_dir = jnp.where(explore, random_dir, greedy_dir)
     new_dir = jnp.where(open_4.sum() >= 3, junction_dir,

@@ -1,7 +1,8 @@
 """Tests for the actor-critic network (`rmc_jax.rl.agent`).
 
 The learner's `unroll` is checked against the actor's step-by-step
-`__call__`, episode resets against fresh episodes, the coordinate planes
+`__call__` (for every core, the ConvLSTM on unflattened feature maps),
+episode resets against fresh episodes, the coordinate planes
 against hand-written values, and the V-trace loss's gradient through the
 unroll for every core.
 """
@@ -32,6 +33,9 @@ CONFIGS = {
     "dnc": dict(core_name="dnc",
                 core_kwargs=dict(memory_size=4, word_size=4,
                                  controller_sizes=(8,))),
+    "convlstm": dict(core_name="convlstm",
+                     core_kwargs=dict(input_shape=OBS_SHAPE[:2],
+                                      channels=(3,))),
 }
 
 
@@ -104,6 +108,13 @@ def test_torso_sees_the_planes():
                   core_kwargs=dict(mem_slots=2, head_size=4))
   assert params["actor_critic/~/relational_memory/~/input_projection"][
       "w"].shape == (26, 4)
+  # The ConvLSTM sees the 24 + 2 feature maps unflattened; the heads see its
+  # 4*4 cells x 3 channels.
+  params = shapes(coords_position="torso_output", core_name="convlstm",
+                  core_kwargs=dict(input_shape=(4, 4), channels=(3,)))
+  assert params["actor_critic/~/conv_lstm/~/layer_0"]["w_x"].shape == (
+      2, 2, 26, 12)
+  assert params["actor_critic/~/head_linear_0"]["w"].shape == (48, 256)
 
 
 @pytest.mark.parametrize("config_name", sorted(CONFIGS))

@@ -2,8 +2,11 @@
 
 The addressing functions are checked against float64 NumPy references written
 here from the paper's equations (loops over slots, a brute-force sort for the
-allocation), the whole feedforward-controlled core step by step against a
-NumPy re-derivation, and the core against Haiku's unroll, grad and vmap.
+allocation), the whole feedforward- and LSTM-controlled core step by step
+against a NumPy re-derivation, the options where DeepMind's code and the
+paper differ (key strength activation, gradient of the usage, clipping of
+the controller state) in both settings, and the core against Haiku's unroll,
+grad and vmap.
 """
 
 from __future__ import annotations
@@ -134,14 +137,15 @@ def ref_access_step(s, iface):
   return wr @ memory, new
 
 
-def ref_parse(xi, r, h, w):
+def ref_parse(xi, r, h, w, strength_activation="softplus"):
   """The documented field-major interface layout."""
   sizes = [r * w, r, h * w, h, h * w, h * w, r, h, h, r * (2 * h + 1)]
   parts = np.split(xi, np.cumsum(sizes)[:-1])
-  oneplus = lambda x: 1.0 + np.log1p(np.exp(x))
+  offset = {"softplus": 0.0, "oneplus": 1.0}[strength_activation]
+  strength = lambda x: offset + np.log1p(np.exp(x))
   return dict(
-      read_keys=parts[0].reshape(r, w), read_strengths=oneplus(parts[1]),
-      write_keys=parts[2].reshape(h, w), write_strengths=oneplus(parts[3]),
+      read_keys=parts[0].reshape(r, w), read_strengths=strength(parts[1]),
+      write_keys=parts[2].reshape(h, w), write_strengths=strength(parts[3]),
       erase_vectors=_sigmoid(parts[4]).reshape(h, w),
       write_vectors=parts[5].reshape(h, w), free_gates=_sigmoid(parts[6]),
       allocation_gates=_sigmoid(parts[7]), write_gates=_sigmoid(parts[8]),
@@ -386,7 +390,8 @@ def test_write_then_read_by_content():
   assert state.usage[2] > 0.999  # usage counts the previous step's write
 
 
-def test_access_step_matches_reference_over_steps():
+@pytest.mark.parametrize("strength_activation", ["softplus", "oneplus"])
+def test_access_step_matches_reference_over_steps(strength_activation):
   rng = np.random.default_rng(7)
   m, w, r, h = 5, 3, 2, 2
   size = addr.interface_size(r, h, w)
@@ -395,9 +400,14 @@ def test_access_step_matches_reference_over_steps():
   state = _to_access_state(ref)
   for step in range(4):
     xi = rng.normal(size=size)
-    reads, state = addr.access_step(state, addr.parse_interface(_f32(xi), r,
-                                                                h, w))
-    ref_reads, ref = ref_access_step(ref, ref_parse(xi, r, h, w))
+    interface = addr.parse_interface(_f32(xi), r, h, w, strength_activation)
+    reads, state = addr.access_step(state, interface)
+    ref_iface = ref_parse(xi, r, h, w, strength_activation)
+    _close(interface.read_strengths, ref_iface["read_strengths"], 1e-6,
+           "read strengths")
+    _close(interface.write_strengths, ref_iface["write_strengths"], 1e-6,
+           "write strengths")
+    ref_reads, ref = ref_access_step(ref, ref_iface)
     _close(reads, ref_reads, 1e-4, f"reads step {step}")
     for k, v in (("memory", state.memory), ("usage", state.usage),
                  ("read_weights", state.read_weights),
@@ -420,11 +430,11 @@ def _xs(seed, shape=(T, B, D_IN)):
   return np.random.default_rng(seed).normal(size=shape).astype(np.float32)
 
 
-def _core_fn(controller, clip):
+def _core_fn(controller, clip, **options):
   """unroll and dynamic_unroll from the given access state, zero reads."""
 
   def fn(xs, access0):
-    core = DNC(controller=controller, clip_value=clip, **SMALL)
+    core = DNC(controller=controller, clip_value=clip, **SMALL, **options)
     s0 = core.initial_state(xs.shape[1])._replace(access=access0)
     return core.unroll(xs, s0), hk.dynamic_unroll(core, xs, s0)
 
@@ -484,6 +494,94 @@ def _check_feedforward_reference(params, xs, ref_access, outs, final, clip):
     _close(final.access.usage[b], s["usage"], 1e-4, "usage")
     _close(final.access.linkage.link[b], s["link"], 1e-4, "link")
     _close(final.read_vectors[b], reads, 1e-4, "reads")
+
+
+@pytest.mark.parametrize("clip_controller_state,strength_activation",
+                         [(True, "softplus"), (False, "oneplus")])
+def test_lstm_core_matches_reference(clip_controller_state,
+                                     strength_activation):
+  """The LSTM-controlled core vs NumPy; the clip binds on the cell state."""
+  clip = 0.3
+  t = _core_fn("lstm", clip, clip_controller_state=clip_controller_state,
+               strength_activation=strength_activation)
+  m, w, r, h = (SMALL[k] for k in ("memory_size", "word_size", "num_reads",
+                                   "num_writes"))
+  xs = 3.0 * _xs(4)
+  ref_access = _random_state(np.random.default_rng(9), m, w, r, h, (B,))
+  access0 = _to_access_state(ref_access)
+  params = t.init(jax.random.PRNGKey(5), xs, access0)
+  (outs, final), _ = jax.jit(t.apply)(params, xs, access0)
+
+  p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+  lstm, iface_p, out_p = (p["dnc/~/controller/~/layer_0"],
+                          p["dnc/~/interface"], p["dnc/~/output"])
+  size = SMALL["controller_sizes"][0]
+  max_cell = 0.0
+  for b in range(B):
+    s = {k: v[b] for k, v in ref_access.items()}
+    reads, hidden, cell = np.zeros((r, w)), np.zeros(size), np.zeros(size)
+    for step in range(T):
+      x = np.concatenate([xs[step, b], reads.ravel()])
+      gates = x @ lstm["w_x"] + lstm["b"] + hidden @ lstm["w_h"]
+      i, g, f, o = np.split(gates, 4)
+      cell = _sigmoid(f + 1.0) * cell + _sigmoid(i) * np.tanh(g)
+      hidden = _sigmoid(o) * np.tanh(cell)
+      max_cell = max(max_cell, np.max(np.abs(cell)))
+      c = np.clip(hidden, -clip, clip)
+      if clip_controller_state:
+        hidden, cell = c, np.clip(cell, -clip, clip)
+      xi = c @ iface_p["w"] + iface_p["b"]
+      reads, s = ref_access_step(s, ref_parse(xi, r, h, w,
+                                              strength_activation))
+      y = np.concatenate([c, reads.ravel()]) @ out_p["w"] + out_p["b"]
+      _close(outs[step, b], np.clip(y, -clip, clip), 1e-4, f"output {step}")
+    _close(final.controller[0].hidden[b], hidden, 1e-4, "hidden")
+    _close(final.controller[0].cell[b], cell, 1e-4, "cell")
+    _close(final.access.memory[b], s["memory"], 1e-4, "memory")
+  assert max_cell > 2 * clip  # The state clipping makes a difference.
+
+
+@pytest.mark.parametrize("stop_gradient", [True, False])
+def test_usage_write_gradient_matches_reference(stop_gradient):
+  """jax.grad through two access steps vs float64 central differences of
+  the reference, where the stop-gradient cuts step 2's usage from w^w_1."""
+  rng = np.random.default_rng(11)
+  m, w, r, h = 5, 3, 2, 2
+  size = addr.interface_size(r, h, w)
+  s0 = _random_state(rng, m, w, r, h)
+  xi1, xi2 = rng.normal(size=size), rng.normal(size=size)
+  c_reads, c_usage = rng.normal(size=(r, w)), rng.normal(size=m)
+
+  def loss(xi1):
+    state = _to_access_state(s0)
+    for xi in (xi1, _f32(xi2)):
+      reads, state = addr.access_step(
+          state, addr.parse_interface(xi, r, h, w), stop_gradient)
+    return (jnp.sum(_f32(c_reads) * reads)
+            + jnp.sum(_f32(c_usage) * state.usage))
+
+  grad = jax.grad(loss)(_f32(xi1))
+
+  def ref_loss(xi1, frozen_write_weights):
+    _, s1 = ref_access_step(s0, ref_parse(xi1, r, h, w))
+    if frozen_write_weights is not None:  # Step 2's usage sees a constant.
+      s1 = dict(s1, write_weights=frozen_write_weights)
+    reads, s2 = ref_access_step(s1, ref_parse(xi2, r, h, w))
+    return np.sum(c_reads * reads) + np.sum(c_usage * s2["usage"])
+
+  def ref_grad(cut):
+    frozen = ref_access_step(s0, ref_parse(xi1, r, h, w))[1]["write_weights"]
+    out, delta = np.zeros(size), 1e-6
+    for k in range(size):
+      e = np.zeros(size)
+      e[k] = delta
+      out[k] = (ref_loss(xi1 + e, frozen if cut else None)
+                - ref_loss(xi1 - e, frozen if cut else None)) / (2 * delta)
+    return out
+
+  expected, other = ref_grad(stop_gradient), ref_grad(not stop_gradient)
+  _close(grad, expected, 1e-4, "gradient")
+  assert np.max(np.abs(expected - other)) > 1e-2 * np.max(np.abs(expected))
 
 
 def test_core_grad_and_vmap():
@@ -558,6 +656,7 @@ def test_make_core_and_initial_state():
     (dict(output_size=0), "output_size"),
     (dict(controller="feedforward", skip_connections=True),
      "skip_connections"),
+    (dict(strength_activation="exp"), "strength_activation"),
     (dict(bogus=1), "bogus"),
 ])
 def test_bad_args(kwargs, match):

@@ -284,6 +284,46 @@ def test_frame_cap_truncates():
   assert int(traj.frame[0, 4]) == 3000
 
 
+def test_frame_cap_as_pilleater_terminal():
+  """PillEater ends at its 3000-step default cap with pcontinue 0."""
+  env = make_env(MiniPacman, frame_cap_discount=0.0, **_STATIC)
+  assert env.frame_cap == 3000
+  _, ts = roll(env, [pacman_state((3, 3), frame=2998)], np.zeros((1, T)))
+  np.testing.assert_array_equal(ts.step_type[0, :2], [1, 2])
+  np.testing.assert_array_equal(ts.discount[0, :2], [1.0, 0.0])
+
+
+@pytest.mark.parametrize("order,cell", [("pilleater", (3, 4)),
+                                        ("up_down_left_right", (2, 3))])
+def test_ghost_tie_order_at_a_junction(order, cell):
+  """A ghost heading right at the 4-way junction (3, 3), Pac-Man two up and
+  two right: up and right are equally good, the order decides."""
+  assert MiniPacman().ghost_tie_order == "pilleater"
+  env = make_env(MiniPacman, ghost_tie_order=order, **_STATIC)
+  right = 3  # ghost direction
+  traj, ts = roll(env, [pacman_state((1, 5), ghosts=[(3, 3)], level=2,
+                                     ghost_dirs=[right])], np.zeros((1, T)))
+  np.testing.assert_array_equal(traj.ghosts_G2[0, 0, 0], cell)
+
+
+def test_rgb_pixels_of_a_hand_built_state():
+  """PillEater's colours: Pac-Man green, a ghost red over the food under it
+  (yellowish while edible), pill cyan, food blue, wall white, else black."""
+  env = make_env(MiniPacman, observation_type="rgb")
+  state = pacman_state((3, 3), ghosts=[(3, 5), (1, 1)],
+                       pills=[(5, 5)], food=[(3, 5), (3, 7), (1, 1)],
+                       max_ghosts=12)
+  obs = np.asarray(jit(env.observe)(state))
+  assert obs.shape == (15, 19, 3)
+  expected = {(3, 3): [0, 1, 0], (3, 5): [1, 0, 0], (1, 1): [1, 0, 0],
+              (5, 5): [0, 1, 1], (3, 7): [0, 0, 1], (0, 0): [1, 1, 1],
+              (6, 2): [1, 1, 1], (3, 4): [0, 0, 0], (13, 17): [0, 0, 0]}
+  for cell, colour in expected.items():
+    np.testing.assert_array_equal(obs[cell], colour, err_msg=str(cell))
+  edible = np.asarray(jit(env.observe)(state._replace(power=np.int32(5))))
+  np.testing.assert_allclose(edible[3, 5], [1, 0.25, 0])
+
+
 def _numpy_crop(planes_HWC, center, v):
   pad = v // 2
   padded = np.pad(planes_HWC, ((pad, pad), (pad, pad), (0, 0)))
@@ -440,6 +480,31 @@ def run_box(env, state, acts):
 
 
 B_UP, B_DOWN, B_LEFT, B_RIGHT = range(4)
+
+
+def test_boxworld_rgb_pixels_of_a_hand_built_state():
+  """The paper's pixels: one per cell, floor light grey, border black, agent
+  dark grey, gem white, keys and locks in their colour; the held key's
+  colour in the top-left corner (black, like the border, when none)."""
+  env = make_env(BoxWorld, observation_type="rgb")
+  state = box_state(env, (6, 6), held=2, keys=[((2, 2), 5)],
+                    boxes=[((4, 8), bw.GEM, 2, False), ((9, 3), 7, 5, True)])
+  obs = np.asarray(jit(env.observe)(state))
+  assert obs.shape == (14, 14, 3)
+  palette = bw.make_palette(20)
+  key5, key2, key7 = palette[bw.CODE_COLOUR0 + np.array([5, 2, 7])]
+  expected = {(6, 6): [0.3, 0.3, 0.3], (1, 1): [0.75, 0.75, 0.75],
+              (12, 12): [0.75, 0.75, 0.75], (0, 5): [0, 0, 0],
+              (13, 13): [0, 0, 0], (4, 8): [1, 1, 1], (4, 9): key2,
+              (2, 2): key5, (9, 4): key5, (9, 3): key7, (0, 0): key2}
+  for cell, colour in expected.items():
+    np.testing.assert_allclose(obs[cell], colour, err_msg=str(cell))
+  # 20 distinct colours, none grey (r = g = b), none the gem's white.
+  hues = palette[bw.CODE_COLOUR0:]
+  assert len({tuple(c) for c in hues}) == 20
+  assert not any(c[0] == c[1] == c[2] for c in hues)
+  no_key = np.asarray(jit(env.observe)(state._replace(held=np.int32(-1))))
+  np.testing.assert_array_equal(no_key[0, 0], [0, 0, 0])
 
 
 def test_boxworld_keys_open_only_matching_locks():

@@ -7,6 +7,7 @@ from typing import Any, Callable
 
 import haiku as hk
 
+from rmc_jax.cores.convlstm import ConvLSTM
 from rmc_jax.cores.dnc import DNC, DNCState
 from rmc_jax.cores.lstm import LSTMStack
 from rmc_jax.cores.relational_memory import RelationalMemory
@@ -17,6 +18,7 @@ CORES: dict[str, Callable[..., hk.RNNCore]] = {
     "rmc": RelationalMemory,
     "lstm": LSTMStack,
     "dnc": DNC,
+    "convlstm": ConvLSTM,
 }
 
 
@@ -44,5 +46,5 @@ def make_core(name: str, /, **kwargs: Any) -> hk.RNNCore:
   return ctor(**kwargs)
 
 
-__all__ = ["CORES", "DNC", "DNCState", "LSTMStack", "RelationalMemory",
-           "StepInfo", "make_core", "select_state"]
+__all__ = ["CORES", "ConvLSTM", "DNC", "DNCState", "LSTMStack",
+           "RelationalMemory", "StepInfo", "make_core", "select_state"]

@@ -5,7 +5,7 @@ with dynamic external memory" (Nature 538); the memory access is in
 `rmc_jax.cores.dnc_addressing`. One step:
 
   h_t, s_t = controller(concat(flatten(x_t), r_{t-1}), s_{t-1})    [B, C]
-  h_t      = clip(h_t)                                              [B, C]
+  h_t, s_t = clip(h_t), clip(s_t)                                   [B, C]
   xi_t     = interface(h_t)                                         [B, I]
   r_t, A_t = access_step(A_{t-1}, parse_interface(xi_t))            [B, R, W]
   y_t      = clip(output(concat(h_t, flatten(r_t))))                [B, O]
@@ -20,6 +20,13 @@ their weights as fetched (an `hk.mixed_precision` policy's compute dtype,
 else the parameters' dtype); the memory access and the whole state run in
 float32 (or wider): usage, links and memory accumulate over many steps.
 Haiku casts the returned output and state to the policy's output dtype.
+
+Where DeepMind's released DNC code and the paper differ, the defaults follow
+the code and the paper's variant is an option: key strengths softplus (code)
+or oneplus (paper), `strength_activation`; no gradient through the previous
+write weights in the usage update (code) or through it (paper),
+`stop_usage_write_gradient`; the controller state clipped like its output
+(code) or left alone (paper), `clip_controller_state`.
 """
 
 from __future__ import annotations
@@ -106,6 +113,9 @@ class DNC(hk.RNNCore):
       clip_value: float | None = 20.0,
       output_size: int | None = None,
       skip_connections: bool = False,
+      strength_activation: str = "softplus",
+      stop_usage_write_gradient: bool = True,
+      clip_controller_state: bool = True,
       name: str | None = "dnc",
   ):
     """Constructs the core.
@@ -118,20 +128,36 @@ class DNC(hk.RNNCore):
       controller: 'lstm' (an `LSTMStack` with hidden sizes controller_sizes)
         or 'feedforward' (an MLP of those sizes with ReLUs, no state).
       controller_sizes: the controller's layer sizes (an int for one layer).
-      clip_value: the controller output and the final output are clipped to
-        [-clip_value, clip_value], as in DeepMind's original DNC (for an LSTM
-        controller, whose output lies in [-1, 1], only the final output is
-        affected); 0 or None disables clipping.
+      clip_value: the controller output (and state, see
+        clip_controller_state) and the final output are clipped to
+        [-clip_value, clip_value], as in DeepMind's original DNC (an LSTM
+        controller's output lies in [-1, 1], so there it bounds the cell
+        state and the final output); 0 or None disables clipping.
       output_size: O (default: the controller output size C).
       skip_connections: LSTM controller only: every layer also sees the input
         and the controller output is all layers' hidden states concatenated,
         as in the paper's deep LSTM controller.
+      strength_activation: 'softplus' (DeepMind's code: strengths >= 0) or
+        'oneplus' (the paper: 1 + softplus, >= 1) for the key strengths.
+      stop_usage_write_gradient: the usage update passes no gradient to the
+        previous write weights (DeepMind's code); False differentiates
+        through them (the paper's equations as written).
+      clip_controller_state: clip_value also clips every leaf of the
+        controller's next state (DeepMind's code); False clips only the
+        outputs.
       name: module name.
 
+    The three defaults follow DeepMind's code because the DNC here is the
+    baseline of the RMC paper, whose baselines came from that code. Results
+    recorded with the earlier defaults (oneplus, gradient through the usage,
+    unclipped state) are reproduced by strength_activation='oneplus',
+    stop_usage_write_gradient=False, clip_controller_state=False.
+
     Raises:
-      ValueError: on a non-positive size or count, an unknown controller,
-        empty or non-positive controller_sizes, a negative clip_value, or
-        skip_connections with the feedforward controller.
+      ValueError: on a non-positive size or count, an unknown controller or
+        strength_activation, empty or non-positive controller_sizes, a
+        negative clip_value, or skip_connections with the feedforward
+        controller.
     """
     super().__init__(name=name)
     for arg, value in (("memory_size", memory_size), ("word_size", word_size),
@@ -159,6 +185,10 @@ class DNC(hk.RNNCore):
     if skip_connections and controller != "lstm":
       raise ValueError("DNC: skip_connections needs controller='lstm', got "
                        f"controller={controller!r}.")
+    if strength_activation not in addressing.STRENGTH_ACTIVATIONS:
+      raise ValueError("DNC: strength_activation must be one of "
+                       f"{addressing.STRENGTH_ACTIVATIONS}, got "
+                       f"{strength_activation!r}.")
 
     self.memory_size = int(memory_size)
     self.word_size = int(word_size)
@@ -168,6 +198,9 @@ class DNC(hk.RNNCore):
     self.controller_sizes = tuple(int(s) for s in controller_sizes)
     self.clip_value = float(clip_value) if clip_value else None
     self.skip_connections = bool(skip_connections)
+    self.strength_activation = strength_activation
+    self.stop_usage_write_gradient = bool(stop_usage_write_gradient)
+    self.clip_controller_state = bool(clip_controller_state)
     self.controller_output_size = (sum(self.controller_sizes)
                                    if self.skip_connections
                                    else self.controller_sizes[-1])
@@ -291,11 +324,16 @@ def _step(core: DNC, inputs: jax.Array, prev_state: DNCState
   else:
     controller_out_BC, controller_state = core._controller(controller_in), ()
   controller_out_BC = _clip(controller_out_BC, core.clip_value)
+  if core.clip_controller_state:
+    controller_state = jax.tree.map(lambda x: _clip(x, core.clip_value),
+                                    controller_state)
 
   interface = addressing.parse_interface(
       core._interface(controller_out_BC).astype(prev_reads_BRW.dtype),
-      core.num_reads, core.num_writes, core.word_size)
-  reads_BRW, access = addressing.access_step(prev_state.access, interface)
+      core.num_reads, core.num_writes, core.word_size,
+      core.strength_activation)
+  reads_BRW, access = addressing.access_step(prev_state.access, interface,
+                                             core.stop_usage_write_gradient)
 
   output_BO = _clip(core._output(
       jnp.concatenate([controller_out_BC, reads_BRW.reshape(b, -1)], -1)),

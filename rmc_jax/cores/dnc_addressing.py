@@ -20,6 +20,17 @@ Nature 538. One access step, in this order:
 with C(M, k, beta)[i] = softmax_i(beta * cos(k, M[i])) and, for slots phi
 sorted by ascending usage, a[phi_j] = (1 - u[phi_j]) prod_{i<j} u[phi_i].
 
+Two points where DeepMind's released DNC code and the paper differ are
+options, with the code's choice as the default:
+
+* Key strengths beta = softplus(raw) (`strength_activation='softplus'`,
+  the code; beta >= 0) or oneplus(raw) = 1 + softplus(raw) ('oneplus', the
+  paper; beta >= 1).
+* The usage update treats the previous write weights w^w_{t-1} as a
+  constant for autodiff (`stop_usage_write_gradient=True`, the code) or
+  differentiates through them (False, the paper's equations taken as they
+  stand). The forward values are the same.
+
 Several write heads (the paper has one) are supported as follows: the usage
 update treats the heads' combined write weights 1 - prod_h (1 - w^w_h);
 head h allocates from the usage left after the heads before it have
@@ -78,14 +89,17 @@ class AccessState(NamedTuple):
   usage: jax.Array
 
 
+STRENGTH_ACTIVATIONS = ("softplus", "oneplus")
+
+
 class Interface(NamedTuple):
   """The interface vector split into its parts, after their activations.
 
   Attributes:
     read_keys: [B, R, W].
-    read_strengths: [B, R], oneplus, so >= 1.
+    read_strengths: [B, R], softplus (>= 0) or oneplus (>= 1).
     write_keys: [B, H, W].
-    write_strengths: [B, H], oneplus.
+    write_strengths: [B, H], like read_strengths.
     erase_vectors: [B, H, W], sigmoid.
     write_vectors: [B, H, W].
     free_gates: [B, R], sigmoid.
@@ -129,13 +143,19 @@ def oneplus(x: jax.Array) -> jax.Array:
 
 
 def parse_interface(interface_BI: jax.Array, num_reads: int, num_writes: int,
-                    word_size: int) -> Interface:
+                    word_size: int,
+                    strength_activation: str = "softplus") -> Interface:
   """Splits the raw interface vector [B, I] and applies each part's activation.
 
   The fields are contiguous, in `Interface` order (read keys first, read modes
   last); multi-head fields are head-major (e.g. read key r is columns
-  [r*W, (r+1)*W)).
+  [r*W, (r+1)*W)). The key strengths go through `strength_activation`,
+  'softplus' (DeepMind's code) or 'oneplus' (the paper).
   """
+  if strength_activation not in STRENGTH_ACTIVATIONS:
+    raise ValueError("parse_interface: strength_activation must be one of "
+                     f"{STRENGTH_ACTIVATIONS}, got {strength_activation!r}.")
+  strength = oneplus if strength_activation == "oneplus" else jax.nn.softplus
   sizes = _interface_sizes(num_reads, num_writes, word_size)
   expected = sum(s for _, s in sizes)
   if interface_BI.shape[-1] != expected:
@@ -148,9 +168,9 @@ def parse_interface(interface_BI: jax.Array, num_reads: int, num_writes: int,
                  jnp.split(interface_BI, splits, axis=-1)))
   return Interface(
       read_keys=raw["read_keys"].reshape(*lead, r, w),
-      read_strengths=oneplus(raw["read_strengths"]),
+      read_strengths=strength(raw["read_strengths"]),
       write_keys=raw["write_keys"].reshape(*lead, h, w),
-      write_strengths=oneplus(raw["write_strengths"]),
+      write_strengths=strength(raw["write_strengths"]),
       erase_vectors=jax.nn.sigmoid(raw["erase_vectors"]).reshape(*lead, h, w),
       write_vectors=raw["write_vectors"].reshape(*lead, h, w),
       free_gates=jax.nn.sigmoid(raw["free_gates"]),
@@ -200,8 +220,8 @@ def content_weights(memory_BMW: jax.Array, keys_BHW: jax.Array,
 
 
 def update_usage(usage_BM: jax.Array, prev_write_weights_BHM: jax.Array,
-                 free_gates_BR: jax.Array,
-                 prev_read_weights_BRM: jax.Array) -> jax.Array:
+                 free_gates_BR: jax.Array, prev_read_weights_BRM: jax.Array,
+                 stop_write_gradient: bool = True) -> jax.Array:
   """u_t = (u + w - u o w) o psi, psi = prod_r (1 - f_r w^r_{t-1}).
 
   Args:
@@ -210,10 +230,14 @@ def update_usage(usage_BM: jax.Array, prev_write_weights_BHM: jax.Array,
       the heads count together as w = 1 - prod_h (1 - w_h).
     free_gates_BR: [B, R] free gates f of this step.
     prev_read_weights_BRM: [B, R, M] read weights of the previous step.
+    stop_write_gradient: no gradient flows into prev_write_weights_BHM (as
+      in DeepMind's code); False differentiates through it.
 
   Returns:
     [B, M] usage u_t, in [0, 1] when the inputs are in range.
   """
+  if stop_write_gradient:
+    prev_write_weights_BHM = jax.lax.stop_gradient(prev_write_weights_BHM)
   written_BM = 1.0 - jnp.prod(1.0 - prev_write_weights_BHM, axis=-2)
   usage_BM = usage_BM + written_BM - usage_BM * written_BM
   retention_BM = jnp.prod(
@@ -389,19 +413,23 @@ def read_weights(memory_BMW: jax.Array, link_BHMM: jax.Array,
           + jnp.einsum("...rh,...rhm->...rm", forward_mode_BRH, forward_BRHM))
 
 
-def access_step(state: AccessState, interface: Interface
+def access_step(state: AccessState, interface: Interface,
+                stop_usage_write_gradient: bool = True
                 ) -> tuple[jax.Array, AccessState]:
   """One memory access: usage, write weights, write, links, reads.
 
   Args:
     state: the previous `AccessState`.
     interface: this step's parsed `Interface`.
+    stop_usage_write_gradient: the usage update passes no gradient to the
+      previous write weights (`update_usage`'s stop_write_gradient).
 
   Returns:
     (read vectors r_t = M_t^T w^r_t [B, R, W], the new `AccessState`).
   """
   usage_BM = update_usage(state.usage, state.write_weights,
-                          interface.free_gates, state.read_weights)
+                          interface.free_gates, state.read_weights,
+                          stop_usage_write_gradient)
   write_weights_BHM = write_weights(
       state.memory, usage_BM, interface.write_keys, interface.write_strengths,
       interface.allocation_gates, interface.write_gates)

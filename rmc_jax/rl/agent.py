@@ -6,9 +6,11 @@ after the IMPALA agents of Zambaldi et al. (2018):
   obs      [B, H, W, C] -> append x and y coordinate planes  [B, H, W, C+2]
   torso    conv 2x2/1 (12) -> ReLU -> conv 2x2/1 (24) -> ReLU [B, H, W, 24]
   core     flatten -> any core from `make_core` (rmc, lstm, dnc)   [B, D]
-           (RMC option: each of the H*W cells as one input row)
-  heads    MLP (256, ReLU) -> policy logits Linear(A)  [B, A]
-                           -> value Linear(1)          [B]
+           (RMC option: each of the H*W cells as one input row;
+           'convlstm': the [B, H, W, 24] maps unflattened, the paper's
+           BoxWorld baseline)
+  heads    flatten -> MLP (256, ReLU) -> policy logits Linear(A)  [B, A]
+                                      -> value Linear(1)          [B]
 
 The coordinate planes hold the column (x) and row (y) position of each cell,
 evenly spaced in [-1, 1]. They are appended to the observation before the
@@ -32,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rmc_jax.cores import make_core, select_state
+from rmc_jax.cores import ConvLSTM, make_core, select_state
 
 _COORDS_POSITIONS = ("input", "torso_output", None)
 
@@ -81,8 +83,11 @@ class ActorCriticNetwork(hk.Module):
 
     Args:
       num_actions: A, the number of discrete actions.
-      core_name: 'rmc', 'lstm' or 'dnc' (see `rmc_jax.cores.make_core`).
-      core_kwargs: keyword arguments of the core's constructor.
+      core_name: 'rmc', 'lstm', 'dnc' or 'convlstm' (see
+        `rmc_jax.cores.make_core`).
+      core_kwargs: keyword arguments of the core's constructor ('convlstm'
+        needs input_shape, the torso's output grid (H, W): the
+        observation's with 'SAME' padding).
       conv_channels: output channels of each convolution (stride 1, ReLU);
         empty for no convolutions.
       conv_kernel: the square kernel size.
@@ -113,6 +118,7 @@ class ActorCriticNetwork(hk.Module):
     self.coords_position = coords_position
     self.rmc_input_as_matrix = bool(rmc_input_as_matrix)
     self._core = make_core(core_name, **dict(core_kwargs or {}))
+    self._spatial_core = isinstance(self._core, ConvLSTM)
     self._convs = [
         hk.Conv2D(int(c), conv_kernel, stride=1, padding=conv_padding,
                   name=f"torso_conv_{i}") for i, c in enumerate(conv_channels)
@@ -129,7 +135,8 @@ class ActorCriticNetwork(hk.Module):
   # -- Pieces ----------------------------------------------------------------
 
   def torso(self, obs_NHWC: jax.Array) -> jax.Array:
-    """[N, H, W, C] observations -> core inputs [N, D] (or [N, H*W, F])."""
+    """[N, H, W, C] observations -> core inputs [N, D] (or [N, H*W, F] as
+    input rows, or the feature maps [N, H', W', F] for 'convlstm')."""
     x = obs_NHWC.astype(jnp.float32)
     if self.coords_position == "input":
       x = add_coordinate_planes(x)
@@ -138,13 +145,16 @@ class ActorCriticNetwork(hk.Module):
     if self.coords_position == "torso_output":
       x = add_coordinate_planes(x)
     n = x.shape[0]
+    if self._spatial_core:
+      return x
     if self.rmc_input_as_matrix:
       return x.reshape(n, -1, x.shape[-1])
     return x.reshape(n, -1)
 
-  def heads(self, core_out_ND: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Core outputs [N, D] -> (policy logits [N, A], values [N])."""
-    x = core_out_ND.astype(jnp.float32)
+  def heads(self, core_out: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Core outputs [N, ...] (flattened) -> (policy logits [N, A], values
+    [N])."""
+    x = core_out.reshape(core_out.shape[0], -1).astype(jnp.float32)
     for layer in self._head:
       x = jax.nn.relu(layer(x))
     return self._policy(x), self._value(x)[:, 0]
@@ -223,7 +233,8 @@ class ActorCriticNetwork(hk.Module):
         return state, out_BD
 
       state, out_TBD = hk.scan(step, state, (x_TB, first_TB))
-    logits_N, values_N = self.heads(out_TBD.reshape((t * b, -1)))
+    logits_N, values_N = self.heads(
+        out_TBD.reshape((t * b,) + out_TBD.shape[2:]))
     return (logits_N.reshape(t, b, -1), values_N.reshape(t, b)), state
 
 

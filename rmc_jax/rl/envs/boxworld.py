@@ -61,6 +61,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rmc_jax.rl.envs import grid
 from rmc_jax.rl.envs import spec as specs
 
 UP, DOWN, LEFT, RIGHT = range(4)
@@ -113,7 +114,7 @@ def make_palette(num_colours: int) -> np.ndarray:
   return np.array(fixed + hues, np.float32)
 
 
-class BoxWorld(specs.Environment):
+class BoxWorld(grid.GridEnvironment):
   """BoxWorld; see the module docstring for rules, rewards and observations."""
 
   def __init__(self, viewport: int | None = None, frame_cap: int | None = 400,
@@ -148,12 +149,8 @@ class BoxWorld(specs.Environment):
       ValueError: on inconsistent sizes: too few colours for the largest
         level, or a room too small to hold it.
     """
-    if viewport is not None and (viewport < 1 or viewport % 2 == 0):
-      raise ValueError(f"BoxWorld: viewport must be a positive odd size or "
-                       f"None, got {viewport!r}.")
-    if observation_type not in ("onehot", "rgb"):
-      raise ValueError("BoxWorld: observation_type must be 'onehot' or "
-                       f"'rgb', got {observation_type!r}.")
+    super().__init__(NUM_ACTIONS, viewport, observation_type,
+                     ("onehot", "rgb"), frame_cap, frame_cap_discount)
     if not 1 <= min_solution_length <= max_solution_length:
       raise ValueError("BoxWorld: need 1 <= min_solution_length <= "
                        "max_solution_length.")
@@ -166,8 +163,6 @@ class BoxWorld(specs.Environment):
     if needed > num_colours:
       raise ValueError(f"BoxWorld: levels need up to {needed} colours, only "
                        f"{num_colours} available.")
-    self.viewport = viewport
-    self.frame_cap = int(frame_cap or 0)
     self.room_size = int(room_size)
     self.size = self.room_size + 2
     self.num_colours = int(num_colours)
@@ -176,11 +171,9 @@ class BoxWorld(specs.Environment):
     self.min_distractors = int(min_distractors)
     self.max_distractors = int(max_distractors)
     self.distractor_length = int(distractor_length)
-    self.observation_type = observation_type
     self.gem_reward = float(gem_reward)
     self.box_reward = float(box_reward)
     self.distractor_reward = float(distractor_reward)
-    self.frame_cap_discount = float(frame_cap_discount)
     self.max_boxes = needed
 
     # Fallback lattice: box origins every 3 columns and 2 rows, so any two
@@ -214,9 +207,6 @@ class BoxWorld(specs.Environment):
     else:
       shape = (self.viewport, self.viewport, 2 * c)
     return specs.BoundedArraySpec(shape, np.float32, "observation", 0.0, 1.0)
-
-  def action_spec(self) -> specs.DiscreteArraySpec:
-    return specs.discrete_spec(NUM_ACTIONS)
 
   # -- Level generation --------------------------------------------------------
 
@@ -335,8 +325,7 @@ class BoxWorld(specs.Environment):
   def step(self, state: BoxWorldState,
            action: jax.Array) -> tuple[BoxWorldState, specs.TimeStep]:
     """Moves the agent; picks up items and opens matching locks."""
-    action = jnp.clip(jnp.asarray(action, jnp.int32), 0, NUM_ACTIONS - 1)
-    target_2 = state.agent_2 + jnp.asarray(ACTION_DELTAS_A2)[action]
+    target_2 = grid.move_target(state.agent_2, action, ACTION_DELTAS_A2)
     tr, tc = target_2[0], target_2[1]
     kind = state.kind_HW[tr, tc]
     colour = state.colour_HW[tr, tc].astype(jnp.int32)
@@ -363,12 +352,8 @@ class BoxWorld(specs.Environment):
                                            self.box_reward), 0.0))
     new_state = state._replace(agent_2=agent_2, held=held, kind_HW=kind_HW,
                                colour_HW=colour_HW, frame=frame)
-    truncated = (frame >= self.frame_cap) if self.frame_cap else jnp.zeros(
-        (), bool)
-    timestep = specs.transition(self.observe(new_state), reward,
-                                gem | distractor, truncated,
-                                self.frame_cap_discount)
-    return new_state, timestep
+    return new_state, self.end_step(self.observe(new_state), reward,
+                                    gem | distractor, frame)
 
   # -- Observations ------------------------------------------------------------
 
@@ -391,10 +376,8 @@ class BoxWorld(specs.Environment):
     codes_HW = self.codes(state)
     if self.viewport is None:
       return palette[codes_HW]
-    v, pad = self.viewport, self.viewport // 2
-    padded = jnp.pad(codes_HW, pad, constant_values=CODE_WALL)
-    window_VV = jax.lax.dynamic_slice(padded, (state.agent_2[0],
-                                               state.agent_2[1]), (v, v))
+    v = self.viewport
+    window_VV = grid.crop_window(codes_HW, state.agent_2, v, CODE_WALL)
     held_code = jnp.where(state.held == NO_KEY, CODE_FLOOR,
                           CODE_COLOUR0 + state.held)
     held_VV = jnp.full((v, v), held_code, jnp.int32)

@@ -20,7 +20,10 @@ The game follows the description and rules of I2A's "MiniPacman":
   it keeps going (turning with it at corners); at a junction it takes the
   exit best aligned with the direction to Pac-Man (least aligned, i.e. flees,
   while edible), or with probability 0.05 (only when not edible) a random
-  exit other than going back.
+  exit other than going back. Equally good exits go to the first in
+  `ghost_tie_order`: PillEater's right, up, left, down ('pilleater'), or up,
+  down, left, right ('up_down_left_right'); the same order ranks the exits
+  for the random choice and for a turn where a corner offers two.
 * Collisions are checked after Pac-Man's move and again after the ghosts'
   move (a Pac-Man and a ghost that swap cells do not meet, as in I2A). A ghost
   on Pac-Man's cell is eaten (removed until the next level) if edible,
@@ -55,8 +58,10 @@ Observation (`observation_type='planes'`, float32 [H, W, 6], values in
 [0, 1]), channels in I2A's order: 0 walls, 1 food, 2 Pac-Man, 3 ghosts
 (1 - e), 4 edible ghosts (e), 5 pills, where e = power / pill_duration is the
 remaining fraction of the pill's effect, so a ghost's two channels sum to 1.
-`observation_type='rgb'` gives I2A's 3-channel rendering instead (Pac-Man
-green, ghost (1, e, 0), pill cyan, food blue, wall white; that priority).
+`observation_type='rgb'` gives I2A's 3-channel rendering instead, the
+observation PillEater returns (Pac-Man green, ghost (1, e, 0), pill cyan,
+food blue, wall white, else black; in that priority, so a ghost hides the
+food or pill under it, which the planes show).
 With `viewport=v` (odd) the observation is the v x v window centred on
 Pac-Man, cut from the full observation padded with walls ([v, v, C]).
 """
@@ -69,6 +74,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rmc_jax.rl.envs import grid
 from rmc_jax.rl.envs import spec as specs
 
 MAZE = (
@@ -105,6 +111,11 @@ WALLS, FOOD, PACMAN, GHOSTS, EDIBLE_GHOSTS, PILLS = range(6)
 NUM_PLANES = 6
 
 MODES = ("regular", "avoid", "hunt", "ambush", "rush")
+
+# Ghost directions (0 up, 1 down, 2 left, 3 right) in the order in which
+# equally good exits are preferred.
+GHOST_TIE_ORDERS = {"pilleater": (3, 0, 2, 1),
+                    "up_down_left_right": (0, 1, 2, 3)}
 
 
 class Rewards(NamedTuple):
@@ -164,7 +175,7 @@ def sorted_indices(indices: list[jax.Array]) -> list[jax.Array]:
   return list(jnp.sort(jnp.stack(indices)))
 
 
-class MiniPacman(specs.Environment):
+class MiniPacman(grid.GridEnvironment):
   """Mini Pac-Man; see the module docstring for the rules and rewards."""
 
   def __init__(self, mode: str = "regular", viewport: int | None = None,
@@ -178,6 +189,7 @@ class MiniPacman(specs.Environment):
                ghost_randomness: float = 0.05,
                ghost_safe_distance: int = 5,
                avoid_level_steps: int = 128,
+               ghost_tie_order: str = "pilleater",
                frame_cap_discount: float = 1.0,
                rewards: Rewards | None = None):
     """Configures the game (the defaults are I2A's).
@@ -199,31 +211,29 @@ class MiniPacman(specs.Environment):
       ghost_safe_distance: minimum Chebyshev distance of a spawning ghost
         from Pac-Man.
       avoid_level_steps: level length in 'avoid' mode.
+      ghost_tie_order: a key of GHOST_TIE_ORDERS: which of equally good
+        exits a ghost takes (PillEater's order by default).
       frame_cap_discount: discount of the LAST timestep at the frame cap
         (1: a truncation; 0 treats the cap as terminal, as I2A's pcontinue).
       rewards: overrides the mode's reward table.
 
     Raises:
-      ValueError: on an unknown mode or observation_type, an even or
-        non-positive viewport, or sizes below 1.
+      ValueError: on an unknown mode, observation_type or ghost_tie_order,
+        an even or non-positive viewport, or sizes below 1.
     """
     if mode not in MODES:
       raise ValueError(f"MiniPacman: mode must be one of {MODES}, got "
                        f"{mode!r}.")
-    if viewport is not None and (viewport < 1 or viewport % 2 == 0):
-      raise ValueError(f"MiniPacman: viewport must be a positive odd size or "
-                       f"None, got {viewport!r}.")
-    if observation_type not in ("planes", "rgb"):
-      raise ValueError("MiniPacman: observation_type must be 'planes' or "
-                       f"'rgb', got {observation_type!r}.")
+    super().__init__(NUM_ACTIONS, viewport, observation_type,
+                     ("planes", "rgb"), frame_cap, frame_cap_discount)
+    if ghost_tie_order not in GHOST_TIE_ORDERS:
+      raise ValueError("MiniPacman: ghost_tie_order must be one of "
+                       f"{tuple(GHOST_TIE_ORDERS)}, got {ghost_tie_order!r}.")
     for name, value in (("max_ghosts", max_ghosts), ("num_pills", num_pills),
                         ("pill_duration", pill_duration)):
       if value < 1:
         raise ValueError(f"MiniPacman: {name} must be >= 1, got {value}.")
     self.mode = mode
-    self.viewport = viewport
-    self.frame_cap = int(frame_cap or 0)
-    self.observation_type = observation_type
     self.max_ghosts = int(max_ghosts)
     self.num_pills = int(num_pills)
     self.pill_duration = int(pill_duration)
@@ -232,7 +242,7 @@ class MiniPacman(specs.Environment):
     self.ghost_randomness = float(ghost_randomness)
     self.ghost_safe_distance = int(ghost_safe_distance)
     self.avoid_level_steps = int(avoid_level_steps)
-    self.frame_cap_discount = float(frame_cap_discount)
+    self.ghost_tie_order = ghost_tie_order
     self.rewards = Rewards(*rewards) if rewards is not None else REWARDS[mode]
     # Spawn table: for Pac-Man on free cell i, the free cells j at Chebyshev
     # distance >= ghost_safe_distance are _spawn_NN[i, :_num_spawn_N[i]].
@@ -247,8 +257,6 @@ class MiniPacman(specs.Environment):
     self._spawn_NN = np.zeros_like(cheb_NN, dtype=np.int32)
     for i, row in enumerate(allowed_NN):
       self._spawn_NN[i, :row.sum()] = np.flatnonzero(row)
-    pad = (viewport or 1) // 2
-    self._padded_walls_PQ = np.pad(WALLS_HW, pad, constant_values=True)
 
   # -- Specs -------------------------------------------------------------------
 
@@ -258,9 +266,6 @@ class MiniPacman(specs.Environment):
     channels = NUM_PLANES if self.observation_type == "planes" else 3
     return specs.BoundedArraySpec((h, w, channels), np.float32, "observation",
                                   0.0, 1.0)
-
-  def action_spec(self) -> specs.DiscreteArraySpec:
-    return specs.discrete_spec(NUM_ACTIONS)
 
   # -- Dynamics ----------------------------------------------------------------
 
@@ -325,18 +330,23 @@ class MiniPacman(specs.Environment):
     """One ghost's next (cell [2], direction []) if it moves this step.
 
     u_explore and u_exit are uniforms for the random junction choice.
+    Candidates are ranked in ghost_tie_order, so the first best one wins.
     """
     walls_HW = jnp.asarray(WALLS_HW)
+    order_4 = jnp.asarray(GHOST_TIE_ORDERS[self.ghost_tie_order])
     dirs_42 = jnp.asarray(_DIRS_42)
     next_42 = pos_2 + dirs_42
     open_4 = ~walls_HW[next_42[:, 0], next_42[:, 1]]
     not_back_4 = open_4 & (jnp.arange(4) != (dir_ ^ 1))
     exits_4 = jnp.where(not_back_4.any(), not_back_4, open_4)  # dead end
-    corridor_dir = jnp.where(exits_4[dir_], dir_, jnp.argmax(exits_4))
+    ranked_exits_4 = exits_4[order_4]
+    corridor_dir = jnp.where(exits_4[dir_], dir_,
+                             order_4[jnp.argmax(ranked_exits_4)])
     towards_4 = dirs_42 @ (pacman_2 - pos_2)
     preference_4 = jnp.where(edible, -towards_4, towards_4).astype(jnp.float32)
-    greedy_dir = jnp.argmax(jnp.where(exits_4, preference_4, -jnp.inf))
-    random_dir = specs.random_index(u_exit, exits_4)
+    greedy_dir = order_4[jnp.argmax(
+        jnp.where(ranked_exits_4, preference_4[order_4], -jnp.inf))]
+    random_dir = order_4[specs.random_index(u_exit, ranked_exits_4)]
     explore = (~edible) & (u_explore < self.ghost_randomness)
     junction_dir = jnp.where(explore, random_dir, greedy_dir)
     new_dir = jnp.where(open_4.sum() >= 3, junction_dir,
@@ -357,8 +367,7 @@ class MiniPacman(specs.Environment):
     power = jnp.maximum(state.power - 1, 0)
 
     # Pac-Man.
-    action = jnp.clip(jnp.asarray(action, jnp.int32), 0, NUM_ACTIONS - 1)
-    target_2 = state.pacman_2 + jnp.asarray(ACTION_DELTAS_A2)[action]
+    target_2 = grid.move_target(state.pacman_2, action, ACTION_DELTAS_A2)
     pacman_2 = jnp.where(walls_HW[target_2[0], target_2[1]], state.pacman_2,
                          target_2)
     pr, pc = pacman_2[0], pacman_2[1]
@@ -419,11 +428,8 @@ class MiniPacman(specs.Environment):
         lambda: self._new_level(u_level, state.level + 1, frame, next_key),
         lambda: stepped)
 
-    truncated = (frame >= self.frame_cap) if self.frame_cap else jnp.zeros(
-        (), bool)
-    timestep = specs.transition(self.observe(new_state), reward, killed,
-                                truncated, self.frame_cap_discount)
-    return new_state, timestep
+    return new_state, self.end_step(self.observe(new_state), reward, killed,
+                                    frame)
 
   # -- Observations ------------------------------------------------------------
 
@@ -450,15 +456,9 @@ class MiniPacman(specs.Environment):
     """The observation of `state` as described by observation_spec()."""
     planes_HWC = self.planes(state)
     if self.viewport is not None:
-      v, pad = self.viewport, self.viewport // 2
-      padded_PQC = jnp.pad(planes_HWC, ((pad, pad), (pad, pad), (0, 0)))
-      padded_PQC = padded_PQC.at[..., WALLS].set(
-          jnp.asarray(self._padded_walls_PQ, jnp.float32))
-      # Pac-Man sits at pacman + pad in the padded grid: the window starts
-      # at pacman.
-      planes_HWC = jax.lax.dynamic_slice(
-          padded_PQC, (state.pacman_2[0], state.pacman_2[1], 0),
-          (v, v, NUM_PLANES))
+      # Outside the maze: walls.
+      planes_HWC = grid.crop_window(planes_HWC, state.pacman_2, self.viewport,
+                                    np.eye(NUM_PLANES)[WALLS])
     if self.observation_type == "rgb":
       return planes_to_rgb(planes_HWC)
     return planes_HWC

@@ -14,8 +14,15 @@ from absl import flags
 from ml_collections import config_flags
 
 from rmc_jax import experiments
+from rmc_jax.training import checkpoint
 
 _CONFIG_PREFIX = "--config="
+
+# What opening or writing a run directory raises, each with a one-line message.
+RUN_ERRORS = (checkpoint.CheckpointNotFoundError,
+              checkpoint.CheckpointMismatchError,
+              checkpoint.CheckpointDamagedError, checkpoint.CheckpointDirError,
+              checkpoint.CheckpointSaveError)
 
 
 def define_config_flag(default: str | None = None):

@@ -30,7 +30,7 @@ def main(argv):
     common.fail("--length must be >= 1, --temperature > 0, --top_k >= 0.")
   try:
     run = runs.load_run(_WORKDIR.value, experiment=lm.NAME)
-  except (FileNotFoundError, ValueError) as e:
+  except (*common.RUN_ERRORS, FileNotFoundError, ValueError) as e:
     common.fail(f"--workdir: {e}")
   if run.config.experiment != lm.NAME:
     common.fail(f"--workdir: {run.workdir} is a {run.config.experiment!r} "

@@ -10,10 +10,12 @@ r"""Trains (or evaluates) any experiment of `rmc_jax.experiments`.
   python -m launch.train --config=rl:cpu --workdir=workdirs/rl_rmc
 
 Rerunning the same command on a workdir with checkpoints resumes from the
-latest. After training, the final parameters are evaluated on every held-out
-split (the LM's valid and test splits); `--config.eval_only=true` evaluates
-the latest checkpoint instead of training. Bad input is one line on stderr and
-exit code 2; a non-finite loss stops the run with exit code 1.
+latest readable checkpoint (a damaged one is moved to checkpoints/damaged/).
+After training, the final parameters are evaluated on every held-out split
+(the LM's valid and test splits); `--config.eval_only=true` evaluates the
+latest checkpoint instead of training. Bad input (a bad flag, a checkpoint of
+another model, an unusable --workdir) is one line on stderr and exit code 2;
+a non-finite loss stops the run with exit code 1.
 """
 
 from __future__ import annotations
@@ -66,8 +68,8 @@ def main(argv):
     common.fail(str(e))
   if config.eval_only:
     try:
-      results = loop.evaluate_run(task, _WORKDIR.value, mesh)
-    except FileNotFoundError as e:
+      results = loop.evaluate_run(task, config, _WORKDIR.value, mesh)
+    except common.RUN_ERRORS as e:
       common.fail(str(e))
     print(json.dumps(results, indent=1, default=str))
     return
@@ -75,6 +77,8 @@ def main(argv):
     summary = loop.train(task, config, _WORKDIR.value, mesh).summary
   except loop.NonFiniteLossError as e:
     common.fail(str(e), code=1)
+  except common.RUN_ERRORS as e:
+    common.fail(str(e))
   if jax.process_index() == 0:
     keys = _SUMMARY_KEYS + tuple(task.eval_splits)
     print(json.dumps({k: summary[k] for k in keys if k in summary},

@@ -270,6 +270,19 @@ def _saved_signature(metadata: Any) -> _Signature:
   return tuple(metadata.shape), np.dtype(metadata.dtype)
 
 
+def _saved_target(tree: PyTree) -> PyTree:
+  """The abstract target of a saved tree: its leaves on the first device."""
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+  def leaf(metadata):
+    if isinstance(metadata, ocp.metadata.ScalarMetadata):
+      return metadata.dtype.type(0) if metadata.dtype is not None else 0
+    return jax.ShapeDtypeStruct(tuple(metadata.shape), metadata.dtype,
+                                sharding=device)
+
+  return jax.tree.map(leaf, tree)
+
+
 def _describe(signature: _Signature | None) -> str:
   if signature is None:
     return "missing"
@@ -619,8 +632,12 @@ class Checkpointer:
           damaged=(damaged,)) from None
     return state, iterator_state, step
 
-  def restore_latest_good(self, target: PyTree) -> Restored:
+  def restore_latest_good(self, target: PyTree | None) -> Restored:
     """Restores the newest checkpoint that reads back, setting damaged ones aside.
+
+    `target=None` restores the tree as it was saved (for reading a run
+    without building its model): dicts and tuples as recorded, every array
+    on the first local device, and no model check.
 
     Tries the complete checkpoints newest first, each as `restore` does (the
     metadata against `target`, then the iterator state and every array).
@@ -643,13 +660,11 @@ class Checkpointer:
       CheckpointDirError: a damaged checkpoint could not be moved aside.
     """
     self._check_open()
-    if target is None:
-      raise ValueError("restore needs a target pytree (abstract or concrete).")
     steps = self.all_steps()
     if not steps:
       raise CheckpointNotFoundError(
           f"No complete checkpoint found in {self._directory}.")
-    target = _normalize_target(target)
+    target = None if target is None else _normalize_target(target)
     found: list[_Damage] = []
     for step in reversed(steps):
       try:
@@ -684,7 +699,10 @@ class Checkpointer:
                if m is not None}
     except Exception as e:  # pylint: disable=broad-exception-caught
       raise _Damage(step, "state", _one_line(e)) from e
-    self._check_tree(step, saved, target)
+    if target is None:
+      target = _saved_target(metadata.tree)
+    else:
+      self._check_tree(step, saved, target)
     try:
       with _orbax_call():
         iterator_state = self._manager.restore(

@@ -35,7 +35,6 @@ import numpy as np
 
 from rmc_jax.training import checkpoint as checkpoint_lib
 from rmc_jax.training import metrics as metrics_lib
-from rmc_jax.training import runs
 from rmc_jax.training.mesh import DataMesh
 from rmc_jax.training.steps import abstract_train_state
 from rmc_jax.training.steps import count_params
@@ -83,25 +82,38 @@ def train(task: Task, config: ml_collections.ConfigDict, workdir: str,
   the final parameters and recorded under its name in metrics.jsonl and
   summary.json.
 
+  A damaged newest checkpoint is moved aside and the newest readable one
+  resumed (see `Checkpointer.restore_latest_good`).
+
   Raises:
     ValueError: when the batch does not divide over the devices.
     NonFiniteLossError: when the loss stops being finite.
+    CheckpointMismatchError: the checkpoints hold another model.
+    CheckpointDamagedError: no checkpoint can be read back.
+    CheckpointDirError, CheckpointSaveError: the run directory is unusable.
   """
   mesh = mesh or DataMesh()
   mesh.check_batch_size(config.batch_size)
-  os.makedirs(workdir, exist_ok=True)
-  _save_config(config, workdir)
+  workdir = checkpoint_lib.ensure_writable_dir(workdir)
   ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                      max_to_keep=config.keep_checkpoints)
-  latest = ckpt.latest_step()
-  if latest is not None:
-    state, iterator_state, _ = ckpt.restore(
-        latest, target=abstract_train_state(task, config, mesh))
-    if task.train_iterator is not None:
-      task.train_iterator.set_state(iterator_state)
-    logging.info("Resumed from %s at step %d.", ckpt.directory, latest)
-  else:
-    state = init_train_state(task, config, mesh)
+  try:
+    latest = None
+    if ckpt.latest_step() is not None:
+      restored = ckpt.restore_latest_good(
+          abstract_train_state(task, config, mesh))
+      state, latest = restored.state, restored.step
+      if task.train_iterator is not None:
+        task.train_iterator.set_state(restored.iterator_state)
+      logging.info("Resumed from %s at step %d.", ckpt.directory, latest)
+    else:
+      state = init_train_state(task, config, mesh)
+  except BaseException:
+    ckpt.close()
+    raise
+  # After the restore: a checkpoint of another model leaves config.json as
+  # it was (the config that the error message points to).
+  _save_config(config, workdir)
   num_params = count_params(state.params)
   if latest is None:
     logging.info("Starting from scratch: %s parameters.", f"{num_params:,}")
@@ -215,18 +227,26 @@ def evaluate_and_record(task: Task, params: Params, step: int, workdir: str,
   return results
 
 
-def evaluate_run(task: Task, workdir: str, mesh: DataMesh | None = None
-                 ) -> dict[str, dict]:
-  """Evaluates the latest checkpoint of `workdir` on every split of the task.
+def evaluate_run(task: Task, config: ml_collections.ConfigDict, workdir: str,
+                 mesh: DataMesh | None = None) -> dict[str, dict]:
+  """Evaluates the newest readable checkpoint of `workdir` on every split.
 
-  The checkpoint is only read; the results are recorded as by
-  `evaluate_and_record`. Raises FileNotFoundError without a checkpoint.
+  The checkpoints are only read (a damaged newest one is skipped, not
+  moved); the results are recorded as by `evaluate_and_record`.
+
+  Raises:
+    FileNotFoundError: no checkpoint.
+    CheckpointMismatchError: the checkpoints hold another model than
+      `config` builds.
+    CheckpointDamagedError: no checkpoint can be read back.
   """
   mesh = mesh or DataMesh()
-  params, step = runs.restore_params(workdir)
-  params = mesh.replicate(params)
-  return evaluate_and_record(task, params, step, workdir,
-                             dict(task.eval_splits), mesh)
+  with checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                   read_only=True) as ckpt:
+    restored = ckpt.restore_latest_good(
+        abstract_train_state(task, config, mesh))
+  return evaluate_and_record(task, restored.state.params, restored.step,
+                             workdir, dict(task.eval_splits), mesh)
 
 
 def _flush(window: _Window, step: int,

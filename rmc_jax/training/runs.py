@@ -2,9 +2,8 @@
 
 A run directory holds `config.json` and `checkpoints/<step>/` (see
 `rmc_jax.training.checkpoint`). `load_run` gives its config and the
-parameters of a checkpoint as host arrays, without building the task's data
-and without opening a checkpoint manager (which may create or clean
-directories): the step's files are only read. `read_history` gives its logs
+parameters of its newest readable checkpoint as host arrays, without
+building the task's data: the checkpoints are opened read-only. `read_history` gives its logs
 (metrics.jsonl, summary.json) for plots and reports.
 """
 
@@ -17,15 +16,13 @@ from typing import Any
 
 import jax
 import ml_collections
-import numpy as np
-import orbax.checkpoint as ocp
 
 from rmc_jax.training import checkpoint as checkpoint_lib
 
 
 @dataclasses.dataclass
 class Run:
-  """A run's config, and the parameters (NumPy arrays) of one checkpoint."""
+  """A run's config, and the parameters (NumPy arrays) of its checkpoint."""
 
   workdir: str
   config: ml_collections.ConfigDict
@@ -59,50 +56,27 @@ def load_config(workdir: str, experiment: str | None = None
   return config
 
 
-def complete_steps(workdir: str) -> list[int]:
-  """The steps with a complete checkpoint in `workdir`, ascending."""
-  directory = os.path.join(workdir, "checkpoints")
-  if not os.path.isdir(directory):
-    return []
-  return sorted(int(d) for d in os.listdir(directory) if d.isdigit() and
-                os.path.exists(os.path.join(directory, d,
-                                            checkpoint_lib.COMMIT_MARKER)))
+def restore_params(workdir: str) -> tuple[Any, int]:
+  """(params as NumPy arrays, step) of the run's newest readable checkpoint.
 
-
-def restore_params(workdir: str, step: int | None = None) -> tuple[Any, int]:
-  """(params as NumPy arrays, step) of checkpoint `step` (default: latest).
-
-  Only the parameters are read (not the optimizer state).
+  The checkpoints are opened read-only: a damaged newest checkpoint is
+  skipped (with a warning) but left in place, and nothing is written.
 
   Raises:
-    FileNotFoundError: no complete checkpoint (for `step`) in the run.
+    FileNotFoundError: no complete checkpoint in the run.
+    CheckpointDamagedError: no checkpoint can be read back.
   """
-  steps = complete_steps(workdir)
-  if step is None and steps:
-    step = steps[-1]
-  if step is None or step not in steps:
-    raise FileNotFoundError(
-        f"no complete checkpoint{'' if step is None else f' for step {step}'}"
-        f" in {os.path.join(workdir, 'checkpoints')}")
-  path = os.path.abspath(os.path.join(workdir, "checkpoints", str(step),
-                                      checkpoint_lib.STATE_ITEM))
-  with ocp.PyTreeCheckpointer() as reader:
-    tree = reader.metadata(path).item_metadata.tree
-    item = {"params": jax.tree.map(lambda m: np.zeros(m.shape, m.dtype),
-                                   tree["params"])}
-    restore_args = jax.tree.map(
-        lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
-    restored = reader.restore(path, args=ocp.args.PyTreeRestore(
-        item=item, restore_args=restore_args, partial_restore=True))
-  return restored["params"], int(step)
+  directory = os.path.join(workdir, "checkpoints")
+  with checkpoint_lib.Checkpointer(directory, read_only=True) as ckpt:
+    restored = ckpt.restore_latest_good(None)
+  return jax.device_get(restored.state["params"]), restored.step
 
 
-def load_run(workdir: str, step: int | None = None,
-             experiment: str | None = None) -> Run:
-  """The config and checkpoint parameters of a run; see `load_config` and
+def load_run(workdir: str, experiment: str | None = None) -> Run:
+  """The config and latest parameters of a run; see `load_config` and
   `restore_params`."""
   config = load_config(workdir, experiment)
-  params, step = restore_params(workdir, step)
+  params, step = restore_params(workdir)
   return Run(workdir=workdir, config=config, params=params, step=step)
 
 

@@ -1,9 +1,9 @@
-"""Argument checks and seeded random streams shared by the data generators."""
+"""Argument checks, seeded random streams and the seeded batch iterator shared by the data generators."""
 
 from __future__ import annotations
 
 import operator
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -44,3 +44,33 @@ def batch_rng(stream: int, seed: int, index: int) -> np.random.Generator:
   if not 0 <= index < 2**64:
     raise ValueError(f"batch index must be in [0, 2**64), got {index}")
   return np.random.default_rng([stream, seed, index & 0xFFFFFFFF, index >> 32])
+
+
+class SeededBatches(Iterator[Any]):
+  """Batches that are a pure function of (seed, index): `batch_at(index)`.
+
+  Subclasses define `batch_at`; iteration yields batch 0, 1, ... and the
+  position is the index of the next batch (plus whatever the subclass adds
+  to `get_state`).
+  """
+
+  def __init__(self, seed: Any):
+    self._seed = check_seed(seed)
+    self._index = 0
+
+  @property
+  def seed(self) -> int:
+    return self._seed
+
+  @property
+  def index(self) -> int:
+    """Index of the batch the next `__next__` call returns."""
+    return self._index
+
+  def batch_at(self, index: int) -> Any:
+    raise NotImplementedError
+
+  def __next__(self) -> Any:
+    batch = self.batch_at(self._index)
+    self._index += 1
+    return batch

@@ -269,22 +269,17 @@ class DNC(hk.RNNCore):
     Args:
       inputs: time-major [T, B, ...] (or [T, ...] with an unbatched state).
       state: the `DNCState` at the first step.
-      reset_TB: optional bool [T, B] ([T] unbatched): where True, row b
-        starts step t from `initial_state` (as `hk.ResetCore` does).
-      mask_TB: optional bool [T, B] ([T] unbatched): where False, row b
-        skips step t: its state is carried unchanged (after any reset) and
-        its output at t is zeros.
+      reset_TB, mask_TB: optional bool [T, B] ([T] unbatched) step flags, as
+        for every core (`LSTMStack.unroll`): a reset row starts the step
+        from `initial_state`, a masked-out row keeps its state and outputs
+        zeros.
 
     Returns:
       (outputs [T, B, O], final `DNCState`); without B for an unbatched state.
     """
     if state.access.memory.ndim == 2:
-      add = lambda a: None if a is None else state_lib.add_batch_axis(a, 1)
-      outputs, state = self.unroll(add(inputs),
-                                   state_lib.add_batch_axis(state),
-                                   reset_TB=add(reset_TB), mask_TB=add(mask_TB))
-      return (state_lib.remove_batch_axis(outputs, 1),
-              state_lib.remove_batch_axis(state))
+      return state_lib.unroll_unbatched(self.unroll, inputs, state, reset_TB,
+                                        mask_TB)
     t, b = inputs.shape[:2]
     flags_TB = (state_lib.step_flags(reset_TB, "reset_TB", (t, b)),
                 state_lib.step_flags(mask_TB, "mask_TB", (t, b)))

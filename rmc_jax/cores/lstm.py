@@ -100,12 +100,8 @@ class LSTMStack(hk.RNNCore):
       (outputs [T, B, H_out], final state); without B for an unbatched state.
     """
     if state[0].hidden.ndim == 1:
-      add = lambda a: None if a is None else state_lib.add_batch_axis(a, 1)
-      outputs, state = self.unroll(add(inputs),
-                                   state_lib.add_batch_axis(state),
-                                   reset_TB=add(reset_TB), mask_TB=add(mask_TB))
-      return (state_lib.remove_batch_axis(outputs, 1),
-              state_lib.remove_batch_axis(state))
+      return state_lib.unroll_unbatched(self.unroll, inputs, state, reset_TB,
+                                        mask_TB)
     t, b = inputs.shape[:2]
     flags_TB = (state_lib.step_flags(reset_TB, "reset_TB", (t, b)),
                 state_lib.step_flags(mask_TB, "mask_TB", (t, b)))

@@ -312,15 +312,10 @@ class RelationalMemory(hk.RNNCore):
       stacked StepInfo as a third element; without B for an unbatched state.
     """
     if state.ndim == 2:
-      add = lambda a: None if a is None else state_lib.add_batch_axis(a, 1)
-      result = self.unroll(
-          add(inputs), state_lib.add_batch_axis(state), treat_input_as_matrix,
-          reset_TB=add(reset_TB), mask_TB=add(mask_TB),
+      return state_lib.unroll_unbatched(
+          self.unroll, inputs, state, reset_TB, mask_TB,
+          treat_input_as_matrix=treat_input_as_matrix,
           return_info=return_info)
-      outputs, final = result[:2]
-      return (state_lib.remove_batch_axis(outputs, 1),
-              state_lib.remove_batch_axis(final),
-              *state_lib.remove_batch_axis(result[2:], 1))
     t, b = inputs.shape[:2]
     reset_TB = state_lib.step_flags(reset_TB, "reset_TB", (t, b))
     mask_TB = state_lib.step_flags(mask_TB, "mask_TB", (t, b))

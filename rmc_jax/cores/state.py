@@ -51,6 +51,22 @@ def remove_batch_axis(tree: Any, axis: int = 0) -> Any:
   return jax.tree.map(lambda a: jnp.squeeze(a, axis), tree)
 
 
+def unroll_unbatched(unroll: Any, inputs_T: Any, state: Any,
+                     reset_T: Any, mask_T: Any, **kwargs: Any) -> tuple:
+  """A core's batched `unroll` applied to one unbatched sequence (B = 1).
+
+  `unroll(inputs_TB, state_B, reset_TB=..., mask_TB=..., **kwargs)` returns
+  (outputs, final state, *extras); the batch axis is added to the time-major
+  inputs, flags and extras at axis 1 and to the state at axis 0, then removed.
+  """
+  add = lambda a: None if a is None else add_batch_axis(a, 1)
+  outputs, final, *extras = unroll(add(inputs_T), add_batch_axis(state),
+                                   reset_TB=add(reset_T),
+                                   mask_TB=add(mask_T), **kwargs)
+  return (remove_batch_axis(outputs, 1), remove_batch_axis(final),
+          *remove_batch_axis(extras, 1))
+
+
 def step_flags(flags_TB: Any, name: str, shape: tuple[int, ...]
                ) -> jax.Array | None:
   """Checks an optional reset_TB / mask_TB argument; returns it as bool.

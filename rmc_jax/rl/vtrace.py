@@ -30,7 +30,7 @@ across it. Both targets are returned under `stop_gradient`.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -147,25 +147,17 @@ def vtrace(log_rhos_TB: jax.Array,
 
 
 def vtrace_from_logits(behaviour_logits_TBA: jax.Array,
-                       target_logits_TBA: jax.Array,
-                       actions_TB: jax.Array,
-                       discounts_TB: jax.Array,
-                       rewards_TB: jax.Array,
-                       values_TB: jax.Array,
-                       bootstrap_value_B: jax.Array,
-                       clip_rho_threshold: float | None = 1.0,
-                       clip_pg_rho_threshold: float | None = 1.0,
-                       lambda_: float = 1.0) -> VTraceReturns:
+                       target_logits_TBA: jax.Array, actions_TB: jax.Array,
+                       *args: Any, **kwargs: Any) -> VTraceReturns:
   """`vtrace` with log_rhos from the two policies' logits [T, B, A].
 
-  See `vtrace` for the other arguments; `actions_TB` are the integer actions
-  taken by the behaviour policy.
+  The other arguments are `vtrace`'s after `log_rhos_TB` (discounts_TB,
+  rewards_TB, values_TB, bootstrap_value_B and the clipping options);
+  `actions_TB` are the integer actions taken by the behaviour policy.
   """
   log_rhos_TB = log_rhos_from_logits(target_logits_TBA, behaviour_logits_TBA,
                                      actions_TB)
-  return vtrace(log_rhos_TB, discounts_TB, rewards_TB, values_TB,
-                bootstrap_value_B, clip_rho_threshold=clip_rho_threshold,
-                clip_pg_rho_threshold=clip_pg_rho_threshold, lambda_=lambda_)
+  return vtrace(log_rhos_TB, *args, **kwargs)
 
 
 def actor_critic_loss(

@@ -80,12 +80,12 @@ from __future__ import annotations
 import collections
 import enum
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
 
-from rmc_jax.checks import batch_rng, check_int, check_seed
+from rmc_jax.checks import batch_rng, check_int, check_seed, SeededBatches
 
 __all__ = [
     "TaskType",
@@ -734,7 +734,7 @@ def eval_batch(task: Any, max_length: int, max_nesting: int,
                         max_length, max_nesting, None, return_text)
 
 
-class LearnToExecuteIterator(Iterator[LTEBatch]):
+class LearnToExecuteIterator(SeededBatches):
   """Infinite, seeded iterator of training batches with a saveable position.
 
   Batch k is a pure function of (seed, k, the curriculum's level): it is drawn
@@ -757,17 +757,7 @@ class LearnToExecuteIterator(Iterator[LTEBatch]):
                                       min_tries)
     self.num_steps, self.num_steps_out = sequence_lengths(
         self.task, self.max_length, self.max_nesting)
-    self._seed = check_seed(seed)
-    self._index = 0
-
-  @property
-  def seed(self) -> int:
-    return self._seed
-
-  @property
-  def index(self) -> int:
-    """Index of the batch the next `__next__` call returns."""
-    return self._index
+    super().__init__(seed)
 
   @property
   def vocab_size(self) -> int:
@@ -779,14 +769,6 @@ class LearnToExecuteIterator(Iterator[LTEBatch]):
     return generate_batch(batch_rng(_TRAIN_STREAM, self._seed, index),
                           self.batch_size, self.task, self.max_length,
                           self.max_nesting, self.curriculum, return_text)
-
-  def __iter__(self) -> LearnToExecuteIterator:
-    return self
-
-  def __next__(self) -> LTEBatch:
-    batch = self.batch_at(self._index)
-    self._index += 1
-    return batch
 
   def update_curriculum(self, loss: float) -> bool:
     """Feeds a training loss to the curriculum; True if its level went up."""

@@ -47,7 +47,7 @@ K = num_objects, F = num_features, D = input width ``F + 3 * K``.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import haiku as hk
@@ -56,7 +56,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from rmc_jax.checks import batch_rng, check_int, check_seed
+from rmc_jax.checks import batch_rng, check_int, check_seed, SeededBatches
 from rmc_jax.cores import make_core
 
 __all__ = [
@@ -190,7 +190,7 @@ def generate_batch(
   return inputs_BTD, labels_B.astype(np.int32)
 
 
-class NthFarthestIterator(Iterator[tuple[np.ndarray, np.ndarray]]):
+class NthFarthestIterator(SeededBatches):
   """Infinite, seeded iterator of training batches with a saveable position.
 
   Batch k is a pure function of (seed, k) and the configuration: it is drawn
@@ -219,8 +219,7 @@ class NthFarthestIterator(Iterator[tuple[np.ndarray, np.ndarray]]):
     self.batch_size, num_objects, num_features = _check_sizes(
         batch_size, num_objects, num_features)
     self.spec = NthFarthestSpec(num_objects, num_features, bool(sonnet_compat))
-    self._seed = check_seed(seed)
-    self._index = 0
+    super().__init__(seed)
     self.min_objects = num_objects if min_objects is None else check_int(
         "min_objects", min_objects, 2)
     if self.min_objects > num_objects:
@@ -235,15 +234,6 @@ class NthFarthestIterator(Iterator[tuple[np.ndarray, np.ndarray]]):
     return min(self.spec.num_objects,
                self.min_objects + index // self.objects_step)
 
-  @property
-  def seed(self) -> int:
-    return self._seed
-
-  @property
-  def index(self) -> int:
-    """Index of the batch the next `__next__` call will return."""
-    return self._index
-
   def batch_at(self, index: int) -> tuple[np.ndarray, np.ndarray]:
     """Returns batch `index` without moving the iterator."""
     index = check_int("index", index, 0)
@@ -255,15 +245,6 @@ class NthFarthestIterator(Iterator[tuple[np.ndarray, np.ndarray]]):
         self.spec.sonnet_compat,
         onehot_size=self.spec.num_objects,
     )
-
-  def __iter__(self) -> NthFarthestIterator:
-    return self
-
-  def __next__(self) -> tuple[np.ndarray, np.ndarray]:
-    """Returns (inputs_BTD float32 [B, K, F+3K], labels_B int32 [B])."""
-    batch = self.batch_at(self._index)
-    self._index += 1
-    return batch
 
   def get_state(self) -> dict[str, int]:
     """JSON-serialisable position: {'seed': int, 'index': int}."""

@@ -138,3 +138,43 @@ def test_registry_initial_state_and_bad_args():
                          "kernel_size")):
     with pytest.raises(ValueError, match=match):
       hk.transform(lambda: ConvLSTM(**kwargs)).init(jax.random.PRNGKey(0))
+
+
+def test_unroll_resets_and_masks_equal_the_step_loop():
+  """unroll(reset_TB, mask_TB) == a step loop that resets rows to the initial
+  state before the step and keeps masked rows' state (outputs zero)."""
+  t, b, grid = 4, 2, (3, 3)
+  rng = np.random.default_rng(1)
+  xs = rng.normal(size=(t, b) + grid + (2,)).astype(np.float32)
+  reset_TB = np.array([[False, True], [True, False], [False, False],
+                       [True, True]])
+  mask_TB = np.array([[True, True], [False, True], [True, False],
+                      [True, True]])
+
+  def fast(xs):
+    core = ConvLSTM(grid, channels=(3, 2), kernel_size=2)
+    state = jax.tree.map(lambda a: a + 0.5, core.initial_state(b))
+    return core.unroll(xs, state, reset_TB=reset_TB, mask_TB=mask_TB)
+
+  def loop(xs):
+    core = ConvLSTM(grid, channels=(3, 2), kernel_size=2)
+    state = jax.tree.map(lambda a: a + 0.5, core.initial_state(b))
+    outs = []
+    for step in range(t):
+      keep = lambda new, old, m=mask_TB[step]: jnp.where(
+          m.reshape((b,) + (1,) * (new.ndim - 1)), new, old)
+      reset = lambda fresh, old, r=reset_TB[step]: jnp.where(
+          r.reshape((b,) + (1,) * (old.ndim - 1)), fresh, old)
+      state = jax.tree.map(reset, core.initial_state(b), state)
+      out, new_state = core(xs[step], state)
+      state = jax.tree.map(keep, new_state, state)
+      outs.append(keep(out, jnp.zeros_like(out)))
+    return jnp.stack(outs), state
+
+  f_fast = hk.without_apply_rng(hk.transform(fast))
+  f_loop = hk.without_apply_rng(hk.transform(loop))
+  params = f_fast.init(jax.random.PRNGKey(0), xs)
+  got, expected = f_fast.apply(params, xs), f_loop.apply(params, xs)
+  for a, e in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(a, e, rtol=1e-5, atol=1e-6)
+  assert np.all(np.asarray(got[0])[1, 0] == 0)  # Masked step: zero output.

@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rmc_jax.cores import state as state_lib
+
 ConvLSTMState = tuple[hk.LSTMState, ...]
 
 
@@ -109,30 +111,45 @@ class ConvLSTM(hk.RNNCore):
       next_state.append(state)
     return below, tuple(next_state)
 
-  def unroll(self, inputs: jax.Array, state: ConvLSTMState
+  def unroll(self, inputs: jax.Array, state: ConvLSTMState, *,
+             reset_TB: jax.Array | None = None,
+             mask_TB: jax.Array | None = None
              ) -> tuple[jax.Array, ConvLSTMState]:
     """Time-major [T, B, H, W, C_in] -> ([T, B, H, W, C_last], final state).
 
     Equals `hk.dynamic_unroll(core, inputs, state)`; one scan per layer,
-    after that layer's input convolution over all T * B inputs.
+    after that layer's input convolution over all T * B inputs. `reset_TB`
+    and `mask_TB` are the step flags every core takes (`LSTMStack.unroll`):
+    a reset row starts the step from `initial_state`, a masked-out row keeps
+    its state and outputs zeros. Without the batch axis for an unbatched
+    state (inputs [T, H, W, C_in], flags [T]).
     """
-    if state[0].hidden.ndim == 3:  # Unbatched state: inputs [T, H, W, C].
-      outputs, final = self.unroll(inputs[:, None],
-                                   jax.tree.map(lambda a: a[None], state))
-      return outputs[:, 0], jax.tree.map(lambda a: a[0], final)
+    if state[0].hidden.ndim == 3:
+      return state_lib.unroll_unbatched(self.unroll, inputs, state, reset_TB,
+                                        mask_TB)
     t, b = inputs.shape[:2]
     self._check_grid(inputs.shape[2:4])
+    flags_TB = (state_lib.step_flags(reset_TB, "reset_TB", (t, b)),
+                state_lib.step_flags(mask_TB, "mask_TB", (t, b)))
     below, final_state = inputs.astype(jnp.float32), []
     for layer, layer_state in zip(self._layers, state):
       w_x, w_h, bias = layer(below.shape[-1])
       pre_N = _conv(below.reshape((t * b,) + below.shape[2:]), w_x) + bias
       pre_TB = pre_N.reshape((t, b) + pre_N.shape[1:])
+      initial = jax.tree.map(jnp.zeros_like, layer_state)
 
-      def step(s, pre, w_h=w_h):
-        s = self._cell(pre, w_h, s)
-        return s, s.hidden
+      def step(s, xs, w_h=w_h, initial=initial):
+        pre, (reset_B, mask_B) = xs
 
-      layer_state, below = jax.lax.scan(step, layer_state, pre_TB)
+        def advance(s):
+          s = self._cell(pre, w_h, s)
+          return s.hidden, s
+
+        hidden, s = state_lib.reset_and_freeze(advance, initial, s, reset_B,
+                                               mask_B)
+        return s, hidden
+
+      layer_state, below = jax.lax.scan(step, layer_state, (pre_TB, flags_TB))
       final_state.append(layer_state)
     return below, tuple(final_state)
 

@@ -164,10 +164,12 @@ class ActorCriticNetwork(hk.Module):
       return self._core(x_B, state, treat_input_as_matrix=True)
     return self._core(x_B, state)
 
-  def _core_unroll(self, x_TB: jax.Array, state: Any) -> tuple[jax.Array, Any]:
+  def _core_unroll(self, x_TB: jax.Array, state: Any,
+                   reset_TB: jax.Array | None) -> tuple[jax.Array, Any]:
     if self.rmc_input_as_matrix:
-      return self._core.unroll(x_TB, state, treat_input_as_matrix=True)
-    return self._core.unroll(x_TB, state)
+      return self._core.unroll(x_TB, state, treat_input_as_matrix=True,
+                               reset_TB=reset_TB)
+    return self._core.unroll(x_TB, state, reset_TB=reset_TB)
 
   # -- Contract --------------------------------------------------------------
 
@@ -200,11 +202,10 @@ class ActorCriticNetwork(hk.Module):
              ) -> tuple[tuple[jax.Array, jax.Array], Any]:
     """Runs the network over a time-major trajectory.
 
-    The torso and heads run on all T*B observations at once; only the core
-    runs in a scan. Where first_TB[t, b] is True the core state of row b is
-    reset to the initial state before step t, so the outputs from t on are
-    those of a fresh episode starting at t. Without first_TB (None) there are
-    no resets and the core's own (faster) `unroll` is used.
+    The torso and heads run on all T*B observations at once and the core's
+    own `unroll` (the fast path) runs over time. Where first_TB[t, b] is
+    True the core state of row b is reset to the initial state before step
+    t, so the outputs from t on are those of a fresh episode starting at t.
 
     Args:
       obs_TBHWC: [T, B, H, W, C] observations.
@@ -217,22 +218,12 @@ class ActorCriticNetwork(hk.Module):
     t, b = obs_TBHWC.shape[:2]
     x_N = self.torso(obs_TBHWC.reshape((t * b,) + obs_TBHWC.shape[2:]))
     x_TB = x_N.reshape((t, b) + x_N.shape[1:])
-    if first_TB is None:
-      out_TBD, state = self._core_unroll(x_TB, state)
-    else:
+    if first_TB is not None:
       first_TB = jnp.asarray(first_TB, bool)
       if first_TB.shape != (t, b):
         raise ValueError(f"unroll: first_TB must be [T, B] = {(t, b)}, got "
                          f"{first_TB.shape}.")
-      initial_state = self.initial_state(b)
-
-      def step(state, xs):
-        x_B, first_B = xs
-        state = select_state(first_B, initial_state, state)
-        out_BD, state = self._core_step(x_B, state)
-        return state, out_BD
-
-      state, out_TBD = hk.scan(step, state, (x_TB, first_TB))
+    out_TBD, state = self._core_unroll(x_TB, state, first_TB)
     logits_N, values_N = self.heads(
         out_TBD.reshape((t * b,) + out_TBD.shape[2:]))
     return (logits_N.reshape(t, b, -1), values_N.reshape(t, b)), state

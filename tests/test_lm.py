@@ -693,3 +693,23 @@ def test_top1_sampling_is_greedy(tmp_path):
       params, jnp.asarray(prompt))
   np.testing.assert_array_equal(out, np.asarray(expected))
   assert out.dtype == np.int32 and out.shape == (8,)
+
+
+def test_gradient_accumulation_carries_each_lanes_state(tmp_path):
+  """grad_accum_steps=2: the same update and carried state as one batch."""
+  mesh = DataMesh()
+  out = {}
+  for k in (1, 2):
+    config = tiny_config(tmp_path, "lstm", grad_accum_steps=k)
+    task = make_setup(config).task
+    state = steps.init_train_state(task, config, mesh)
+    train_step = steps.make_train_step(task, config, mesh, state)
+    for _ in range(3):
+      state, metrics = train_step(state,
+                                  mesh.shard_batch(next(task.train_iterator)))
+    out[k] = (jax.device_get(state), float(metrics["loss"]))
+  assert out[2][1] == pytest.approx(out[1][1], rel=1e-5)
+  assert max_abs_diff(out[2][0].params, out[1][0].params) <= 1e-6
+  assert max_abs_diff(out[2][0].carry, out[1][0].carry) <= 1e-6
+  assert max(float(np.abs(x).max())
+             for x in jax.tree.leaves(out[1][0].carry)) > 1e-2

@@ -444,7 +444,36 @@ def test_sigterm_in_the_middle_of_a_step_still_saves(tmp_path):
   assert iterator_state == {"seed": 0, "index": step}
 
 
-# -- 1e. Config: the schedule and validation ----------------------------------
+# -- 1e. Gradient accumulation ------------------------------------------------
+
+
+def test_accumulated_micro_batches_make_the_big_batch_update():
+  """grad_accum_steps=4 on a batch of 16 == one batch of 16, step for step."""
+  mesh = DataMesh()
+  states = {}
+  for k in (1, 4):
+    cfg = tiny_config("lstm", grad_accum_steps=k, grad_clip_norm=1.0)
+    task = nth_experiment.make_task(cfg)
+    state = steps.init_train_state(task, cfg, mesh)
+    train_step = steps.make_train_step(task, cfg, mesh, state)
+    losses = []
+    for _ in range(3):
+      state, metrics = train_step(state,
+                                  mesh.shard_batch(next(task.train_iterator)))
+      losses.append((float(metrics["loss"]), float(metrics["accuracy"]),
+                     float(metrics["grad_norm"])))
+    states[k] = (jax.device_get(state), losses)
+  np.testing.assert_allclose(states[4][1], states[1][1], rtol=1e-5, atol=1e-6)
+  assert max_abs_diff(states[4][0].params, states[1][0].params) <= 1e-6
+  assert max_abs_diff(states[4][0].opt_state, states[1][0].opt_state) <= 1e-6
+  initial = steps.init_train_state(task, cfg, mesh).params
+  assert max_abs_diff(states[4][0].params, initial) > 1e-4  # It moved.
+  bad = tiny_config("lstm", grad_accum_steps=3)
+  with pytest.raises(config_lib.ConfigError, match="grad_accum_steps=3"):
+    config_lib.validate(bad)
+
+
+# -- 1f. Config: the schedule and validation ----------------------------------
 
 
 def sonnet_learning_rate(t, lr, min_lr, decay_steps=10_000, rate=0.9):

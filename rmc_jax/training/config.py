@@ -36,6 +36,9 @@ def base_config(experiment: str) -> ml_collections.ConfigDict:
   c.lr_decay_steps = 0
   c.lr_decay_rate = 0.9
   c.grad_clip_norm = 0.0  # Global L2 norm; 0 disables clipping.
+  # Gradients of grad_accum_steps micro-batches (batch_size / k rows each)
+  # averaged into one update: a k-times larger batch on the same memory.
+  c.grad_accum_steps = 1
   c.log_every = 100
   c.eval_every = 1000
   c.checkpoint_every = 1000
@@ -64,11 +67,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"--config.core={config.core!r}: expected one of "
                       f"{sorted(CORES)}.")
   for field in ("num_steps", "batch_size", "log_every", "eval_every",
-                "checkpoint_every", "keep_checkpoints"):
+                "checkpoint_every", "keep_checkpoints", "grad_accum_steps"):
     value = config[field]
     if not isinstance(value, int) or value < 1:
       raise ConfigError(f"--config.{field}={value!r}: expected a positive "
                         "integer.")
+  if config.batch_size % config.grad_accum_steps:
+    raise ConfigError(f"--config.batch_size={config.batch_size} must be a "
+                      "multiple of --config.grad_accum_steps="
+                      f"{config.grad_accum_steps}.")
   if not config.learning_rate > 0:
     raise ConfigError(f"--config.learning_rate={config.learning_rate!r}: "
                       "expected a positive number.")

@@ -92,14 +92,21 @@ def make_train_step(task: Task, config: ml_collections.ConfigDict,
   device batch from `mesh.shard_batch` (or () without a train iterator).
   The state argument is donated. The loss is a mean over the global batch,
   so the all-reduce of the gradients gives every device the same update.
-  Metrics: the task's, plus loss, grad_norm and learning_rate.
+  With `config.grad_accum_steps = k > 1` the batch (and the carry) is read
+  as k micro-batches, one after the other, and their gradients, losses and
+  metrics are averaged: the update of the whole batch (exactly, for losses
+  that are means over equally weighted rows) in the memory of one
+  micro-batch. Metrics: the task's, plus loss, grad_norm and learning_rate.
   """
   optimizer, schedule = config_lib.make_optimizer(config)
   shardings = state_shardings(state, mesh)
+  mesh.check_batch_size(config.batch_size // config.grad_accum_steps,
+                        "--config.batch_size / --config.grad_accum_steps")
+  grad_fn = _accumulated(jax.value_and_grad(task.loss, has_aux=True),
+                         config.grad_accum_steps)
 
   def step_fn(state: TrainState, batch: Batch):
     rng = jax.random.fold_in(state.rng, state.step)
-    grad_fn = jax.value_and_grad(task.loss, has_aux=True)
     (loss, (metrics, carry)), grads = grad_fn(state.params, state.carry, rng,
                                               batch)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -112,6 +119,42 @@ def make_train_step(task: Task, config: ml_collections.ConfigDict,
   return jax.jit(step_fn, in_shardings=(shardings, mesh.batch_sharding),
                  out_shardings=(shardings, mesh.replicated),
                  donate_argnums=0)
+
+
+def _accumulated(grad_fn, k: int):
+  """`grad_fn(params, carry, rng, batch)` averaged over k micro-batches.
+
+  Micro-batch i holds rows i, i + k, i + 2k, ... of the batch and carry, so
+  every device's rows contribute to every micro-batch (a batch split over
+  devices stays split); it uses the key fold_in(rng, i).
+  """
+  if k == 1:
+    return grad_fn
+
+  def split(x):  # [B, ...] -> [k, B / k, ...], micro-batch i = rows i::k.
+    return jnp.swapaxes(x.reshape((x.shape[0] // k, k) + x.shape[1:]), 0, 1)
+
+  def merge(x):  # The inverse of split.
+    return jnp.swapaxes(x, 0, 1).reshape((-1,) + x.shape[2:])
+
+  def accumulated(params, carry, rng, batch):
+    def micro(grads_sum, xs):
+      i, carry_i, batch_i = xs
+      (loss, (metrics, new_carry)), grads = grad_fn(
+          params, carry_i, jax.random.fold_in(rng, i), batch_i)
+      grads_sum = jax.tree.map(jnp.add, grads_sum, grads)
+      return grads_sum, (loss, metrics, new_carry)
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    grads_sum, (losses, metrics, carry) = jax.lax.scan(
+        micro, zeros, (jnp.arange(k), jax.tree.map(split, carry),
+                       jax.tree.map(split, batch)))
+    mean = lambda x: jnp.mean(x, axis=0)
+    return ((mean(losses), (jax.tree.map(mean, metrics),
+                            jax.tree.map(merge, carry))),
+            jax.tree.map(lambda g: g / k, grads_sum))
+
+  return accumulated
 
 
 class Evaluator:

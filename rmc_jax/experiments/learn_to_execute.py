@@ -26,6 +26,7 @@ from rmc_jax.experiments.base import ResultsSpec
 from rmc_jax.tasks import learn_to_execute as lte
 from rmc_jax.tasks import learn_to_execute_model as model_lib
 from rmc_jax.training import config as config_lib
+from rmc_jax.training import precision
 from rmc_jax.training.config import ConfigError
 from rmc_jax.training.task import Task
 
@@ -119,11 +120,11 @@ def make_task(config: ml_collections.ConfigDict) -> Task:
       curriculum=config.curriculum, seed=config.seed,
       loss_threshold=config.curriculum_loss_threshold,
       min_tries=config.curriculum_min_tries)
-  model = hk.transform(functools.partial(
+  model = hk.transform(precision.scoped(functools.partial(
       model_lib.forward, core_name=config.core,
       core_kwargs=config_lib.core_kwargs(config),
       mlp_sizes=tuple(config.mlp_sizes),
-      teacher_forcing=config.teacher_forcing))
+      teacher_forcing=config.teacher_forcing), config.precision))
 
   def loss(params, carry, rng, batch):
     value, metrics = model_lib.loss_and_metrics(

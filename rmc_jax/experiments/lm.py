@@ -42,6 +42,7 @@ from rmc_jax.lm import corpora
 from rmc_jax.lm import synthetic
 from rmc_jax.lm.model import LanguageModel
 from rmc_jax.training import config as config_lib
+from rmc_jax.training import precision
 from rmc_jax.training.config import ConfigError
 from rmc_jax.training.task import BatchIterator, Task
 
@@ -206,10 +207,10 @@ def build_task(config: ml_collections.ConfigDict, vocab_size: int,
     return make_model(config, vocab_size)(
         batch["inputs"], batch["targets"], batch["reset"], state, is_training)
 
-  model = hk.transform(forward)
-  initial_state = hk.transform(
+  model = hk.transform(precision.scoped(forward, config.precision))
+  initial_state = hk.transform(precision.scoped(
       lambda batch_size: make_model(config, vocab_size).initial_state(
-          batch_size))
+          batch_size), config.precision))
 
   def init_carry(batch_size):
     return initial_state.apply({}, None, batch_size)

@@ -24,6 +24,7 @@ import ml_collections
 from rmc_jax.experiments.base import ResultsSpec
 from rmc_jax.tasks import nth_farthest as data
 from rmc_jax.training import config as config_lib
+from rmc_jax.training import precision
 from rmc_jax.training.config import ConfigError
 from rmc_jax.training.task import Task
 
@@ -103,11 +104,11 @@ def make_task(config: ml_collections.ConfigDict) -> Task:
   validate(config)
   spec = data.NthFarthestSpec(config.num_objects, config.num_features,
                               config.sonnet_compat)
-  model = hk.transform(
+  model = hk.transform(precision.scoped(
       functools.partial(data.forward, core_name=config.core,
                         core_kwargs=config_lib.core_kwargs(config),
                         mlp_sizes=tuple(config.mlp_sizes),
-                        num_classes=spec.num_classes))
+                        num_classes=spec.num_classes), config.precision))
 
   def init(rng, batch):
     return model.init(rng, batch[0])

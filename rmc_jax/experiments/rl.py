@@ -122,7 +122,7 @@ def make_task(config: ml_collections.ConfigDict) -> Task:
       env.observation_spec().shape, env.action_spec().num_values,
       core_name=config.core, core_kwargs=config_lib.core_kwargs(config),
       conv_channels=tuple(config.conv_channels),
-      head_hidden=tuple(config.head_hidden))
+      head_hidden=tuple(config.head_hidden), precision=config.precision)
   return actor_critic_task(
       env, net, batch_size=config.batch_size,
       unroll_length=config.unroll_length, discount=config.discount,

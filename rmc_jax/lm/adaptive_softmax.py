@@ -47,8 +47,9 @@ the cost of the all-rows mode): meant for tests, sampling, and small
 vocabularies; training and evaluation use `loss` / `nll`.
 
 Every method accepts any leading shape ([..., D] hidden, [...] targets); the
-names below say [N, D] for the flattened rows. Matmuls run in `compute_dtype`
-(e.g. bfloat16), parameters are float32 and every log-softmax and the results
+names below say [N, D] for the flattened rows. Matmuls run in the dtype of
+the weights as fetched (an `hk.mixed_precision` policy's compute dtype, e.g.
+bfloat16, else the parameters' float32); every log-softmax and the results
 are float32. Targets outside [0, V) give NaN per-token NLLs (masked ones are
 ignored by `loss`, so padding may use any id, e.g. -1).
 """
@@ -112,23 +113,21 @@ class _TailParams(NamedTuple):
   bias_S: jax.Array
 
 
-def _affine(x_ND: jax.Array, w_DM: jax.Array, b_M: jax.Array | None,
-            compute_dtype: Any) -> jax.Array:
-  """x @ w (+ b) in compute_dtype: [N, D] -> [N, M]."""
-  y_NM = jnp.dot(x_ND.astype(compute_dtype), w_DM.astype(compute_dtype))
+def _affine(x_ND: jax.Array, w_DM: jax.Array, b_M: jax.Array | None
+            ) -> jax.Array:
+  """x @ w (+ b) in the weights' dtype: [N, D] -> [N, M]."""
+  y_NM = jnp.dot(x_ND.astype(w_DM.dtype), w_DM)
   if b_M is not None:
-    y_NM = y_NM + b_M.astype(compute_dtype)
+    y_NM = y_NM + b_M.astype(w_DM.dtype)
   return y_NM
 
 
-def _tail_logits(params: _TailParams, hidden_ND: jax.Array,
-                 compute_dtype: Any) -> jax.Array:
+def _tail_logits(params: _TailParams, hidden_ND: jax.Array) -> jax.Array:
   """A tail cluster's logits, float32 [N, S]."""
   x_NP = hidden_ND
   if params.projection_DP is not None:
-    x_NP = _affine(hidden_ND, params.projection_DP, None, compute_dtype)
-  return _affine(x_NP, params.output_PS, params.bias_S,
-                 compute_dtype).astype(jnp.float32)
+    x_NP = _affine(hidden_ND, params.projection_DP, None)
+  return _affine(x_NP, params.output_PS, params.bias_S).astype(jnp.float32)
 
 
 def _picked_log_prob(logits_NM: jax.Array, index_N: jax.Array) -> jax.Array:
@@ -218,7 +217,6 @@ class AdaptiveSoftmax(hk.Module):
       *,
       compute_tail_for_all: bool = True,
       tail_capacity: float | Sequence[float] = 0.25,
-      compute_dtype: Any = jnp.float32,
   ):
     """Constructs the layer.
 
@@ -238,7 +236,6 @@ class AdaptiveSoftmax(hk.Module):
       tail_capacity: with compute_tail_for_all=False, the chunk size of each
         tail as a fraction of the N rows (one value or one per tail cluster),
         in (0, 1]. Best set just above the cluster's share of the tokens.
-      compute_dtype: dtype of the matmuls; log-softmaxes are float32.
 
     Raises:
       ValueError: on a bad vocab_size, cutoffs (not strictly increasing
@@ -269,7 +266,6 @@ class AdaptiveSoftmax(hk.Module):
     self.div_value = float(div_value)
     self.tail_projection = bool(tail_projection)
     self.compute_tail_for_all = bool(compute_tail_for_all)
-    self.compute_dtype = jnp.dtype(compute_dtype)
     bounds = list(self.cutoffs) + [self.vocab_size]
     # Word ranges [lo, hi) of the tail clusters.
     self.tail_bounds = tuple(zip(bounds[:-1], bounds[1:]))
@@ -332,7 +328,7 @@ class AdaptiveSoftmax(hk.Module):
     pieces = [head_lp_NH[:, :c]]
     for k, params in enumerate(tails):
       tail_lp_NS = jax.nn.log_softmax(
-          _tail_logits(params, hidden_ND, self.compute_dtype), axis=-1)
+          _tail_logits(params, hidden_ND), axis=-1)
       pieces.append(head_lp_NH[:, c + k, None] + tail_lp_NS)
     return jnp.concatenate(pieces, axis=-1).reshape(*lead, self.vocab_size)
 
@@ -383,7 +379,7 @@ class AdaptiveSoftmax(hk.Module):
                        ) -> tuple[jax.Array, list[_TailParams]]:
     """Head log-softmax [N, c_1 + K] (float32) and the tail parameters."""
     (w, b), tails = self._params(hidden_ND.shape[-1])
-    head_logits_NH = _affine(hidden_ND, w, b, self.compute_dtype)
+    head_logits_NH = _affine(hidden_ND, w, b)
     return jax.nn.log_softmax(head_logits_NH.astype(jnp.float32), -1), tails
 
   def _nll_flat(self, hidden_ND: jax.Array, targets_N: jax.Array) -> jax.Array:
@@ -404,7 +400,7 @@ class AdaptiveSoftmax(hk.Module):
       local_N = jnp.clip(targets_N - lo, 0, hi - lo - 1)
       if self.compute_tail_for_all or n == 0:
         tail_lp_N = _picked_log_prob(
-            _tail_logits(params, hidden_ND, self.compute_dtype), local_N)
+            _tail_logits(params, hidden_ND), local_N)
       else:
         tail_lp_N = self._packed_tail_log_prob(
             params, hidden_ND, local_N, in_cluster_N, self.tail_capacity[k])
@@ -430,11 +426,9 @@ class AdaptiveSoftmax(hk.Module):
     hidden_KCD = hidden_ND[rows_M].reshape(num_chunks, chunk, d)
     local_KC = local_N[rows_M].reshape(num_chunks, chunk)
     starts_K = jnp.arange(num_chunks, dtype=jnp.int32) * chunk
-    cd = self.compute_dtype
-
     @jax.checkpoint
     def compute(p, h_CD, local_C):
-      return _picked_log_prob(_tail_logits(p, h_CD, cd), local_C)
+      return _picked_log_prob(_tail_logits(p, h_CD), local_C)
 
     def skip(p, h_CD, local_C):
       del p, h_CD
@@ -458,14 +452,12 @@ class FullSoftmax(hk.Module):
   keeps the [N, V] logits for the backward pass.
   """
 
-  def __init__(self, vocab_size: int, name: str | None = "full_softmax", *,
-               compute_dtype: Any = jnp.float32):
+  def __init__(self, vocab_size: int, name: str | None = "full_softmax"):
     """Constructs the layer.
 
     Args:
       vocab_size: V, the number of words.
       name: module name.
-      compute_dtype: dtype of the matmul; the log-softmax is float32.
 
     Raises:
       ValueError: if vocab_size is not a positive integer.
@@ -473,7 +465,6 @@ class FullSoftmax(hk.Module):
     vocab_size = _check_vocab_size(vocab_size, "FullSoftmax")
     super().__init__(name=name)
     self.vocab_size = vocab_size
-    self.compute_dtype = jnp.dtype(compute_dtype)
     self._output = _Affine(with_bias=True, name="output")
 
   def num_params(self, hidden_size: int) -> int:
@@ -483,7 +474,7 @@ class FullSoftmax(hk.Module):
   def _logits(self, hidden_ND: jax.Array) -> jax.Array:
     """Float32 logits [N, V]."""
     w, b = self._output(hidden_ND.shape[-1], self.vocab_size)
-    return _affine(hidden_ND, w, b, self.compute_dtype).astype(jnp.float32)
+    return _affine(hidden_ND, w, b).astype(jnp.float32)
 
   def log_probs(self, hidden_ND: jax.Array) -> jax.Array:
     """Log-probabilities, [..., D] -> [..., V]."""

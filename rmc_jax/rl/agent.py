@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rmc_jax.cores import ConvLSTM, make_core, select_state
+from rmc_jax.training import precision as precision_lib
 
 _COORDS_POSITIONS = ("input", "torso_output", None)
 
@@ -249,12 +250,14 @@ class ActorCriticFns(NamedTuple):
 
 
 def make_actor_critic(obs_shape: Sequence[int], num_actions: int,
+                      precision: str = "float32",
                       **network_kwargs: Any) -> ActorCriticFns:
   """Transforms an `ActorCriticNetwork` into pure functions.
 
   Args:
     obs_shape: [H, W, C] of one observation.
     num_actions: A.
+    precision: 'float32' or 'bfloat16' (`rmc_jax.training.precision`).
     **network_kwargs: the other `ActorCriticNetwork` arguments (core_name,
       core_kwargs, conv_channels, head_hidden, ...).
   """
@@ -268,7 +271,9 @@ def make_actor_critic(obs_shape: Sequence[int], num_actions: int,
       return net.unroll(obs_TB, net.initial_state(1),
                         jnp.ones((1, 1), bool))
 
-    return init, (net.initial_state, net.__call__, net.unroll)
+    scoped = lambda fn: precision_lib.scoped(fn, precision)
+    return scoped(init), tuple(map(scoped, (net.initial_state, net.__call__,
+                                            net.unroll)))
 
   transformed = hk.without_apply_rng(hk.multi_transform(fns))
   initial_state, step, unroll = transformed.apply

@@ -13,6 +13,7 @@ import ml_collections
 import optax
 
 from rmc_jax.cores import CORES
+from rmc_jax.training import precision as precision_lib
 
 
 class ConfigError(ValueError):
@@ -39,6 +40,9 @@ def base_config(experiment: str) -> ml_collections.ConfigDict:
   # Gradients of grad_accum_steps micro-batches (batch_size / k rows each)
   # averaged into one update: a k-times larger batch on the same memory.
   c.grad_accum_steps = 1
+  # float32 or bfloat16 (bfloat16 matmuls, float32 parameters, states and
+  # loss; see rmc_jax/training/precision.py).
+  c.precision = "float32"
   c.log_every = 100
   c.eval_every = 1000
   c.checkpoint_every = 1000
@@ -72,6 +76,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if not isinstance(value, int) or value < 1:
       raise ConfigError(f"--config.{field}={value!r}: expected a positive "
                         "integer.")
+  try:
+    precision_lib.check(config.precision)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
   if config.batch_size % config.grad_accum_steps:
     raise ConfigError(f"--config.batch_size={config.batch_size} must be a "
                       "multiple of --config.grad_accum_steps="

@@ -3,6 +3,7 @@
 import os
 import re
 
+import numpy as np
 import pytest
 
 _README = os.path.join(os.path.dirname(os.path.dirname(__file__)), "README.md")
@@ -24,6 +25,9 @@ def test_readme_example_runs(index):
        namespace)
   if "outputs" in namespace:  # The core example: [T, B, N * F].
     assert namespace["outputs"].shape == (10, 8, 4 * 128)
+  if "single" in namespace:  # Unbatched, bfloat16 policy: [T, N * F] float32.
+    assert namespace["single"].shape == (10, 4 * 32)
+    assert namespace["single"].dtype == np.float32
   if "logits" in namespace:  # The agent example: one action per episode.
     assert namespace["logits"].shape == (8, 4)
     assert namespace["timestep"].observation.shape[0] == 8

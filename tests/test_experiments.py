@@ -78,3 +78,29 @@ def test_a_registered_toy_experiment_trains_through_the_launcher(tmp_path):
   from rmc_jax.training import runs  # pylint: disable=g-import-not-at-top
   run = runs.load_run(workdir)
   assert run.step == 3 and run.config.num_vectors == 3
+
+
+def test_rl_variants_select_the_convlstm_baseline():
+  from rmc_jax.training import steps  # pylint: disable=g-import-not-at-top
+  from rmc_jax.training.mesh import DataMesh  # pylint: disable=g-import-not-at-top
+  for variant in ("mini_pacman_viewport", "mini_pacman_full",
+                  "boxworld_viewport"):
+    config = experiments.get_config(f"rl:{variant}")
+    assert config.env_kwargs.observation_type == "rgb"  # The paper's pixels.
+  config = experiments.get_config("rl:cpu")
+  config.update(core="convlstm", batch_size=4, unroll_length=3,
+                conv_channels=(4,), head_hidden=(8,))
+  config.convlstm.channels = (4,)
+  task = experiments.make_task(config)
+  mesh = DataMesh()
+  state = steps.init_train_state(task, config, mesh)
+  names = "\n".join(state.params)
+  assert "conv_lstm" in names
+  train_step = steps.make_train_step(task, config, mesh, state)
+  _, metrics = train_step(state, ())
+  assert float(metrics["loss"]) == float(metrics["loss"])  # Finite, not NaN.
+  # Cores an experiment has no settings for are refused by name.
+  nth = experiments.get_config("nth_farthest:cpu")
+  nth.core = "convlstm"
+  with pytest.raises(ConfigError, match=r"--config\.core='convlstm'"):
+    experiments.make_task(nth)

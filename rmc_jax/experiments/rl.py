@@ -64,13 +64,20 @@ def get_config(variant: str = "cpu") -> ml_collections.ConfigDict:
   c.checkpoint_every = 5_000
   c.rmc.update(mem_slots=4, num_heads=4, head_size=64, gate_style="memory")
   c.lstm.update(hidden_sizes=(256,))
+  # The paper's BoxWorld baseline: a ConvLSTM of 64 channels, 2x2 kernel,
+  # over the torso's feature maps (input_shape is the observation's grid,
+  # filled in by make_task).
+  c.convlstm = ml_collections.ConfigDict(dict(channels=(64,), kernel_size=2),
+                                         type_safe=False)
 
+  # The paper variants see RGB pixels, as the paper's agents did; the CPU
+  # variants keep the symbolic observations (smaller inputs).
   if variant.startswith("mini_pacman"):
     c.env = "mini_pacman"
-    c.env_kwargs = dict(mode="regular",
+    c.env_kwargs = dict(mode="regular", observation_type="rgb",
                         viewport=5 if variant.endswith("viewport") else None)
   elif variant == "boxworld_viewport":
-    c.env_kwargs = dict(viewport=5)
+    c.env_kwargs = dict(viewport=5, observation_type="rgb")
   elif variant == "cpu":
     c.env_kwargs = dict(room_size=6, min_solution_length=1,
                         max_solution_length=1, min_distractors=0,
@@ -89,6 +96,7 @@ def get_config(variant: str = "cpu") -> ml_collections.ConfigDict:
     c.head_hidden = (64,)
     c.rmc.update(mem_slots=2, num_heads=2, head_size=32)
     c.lstm.update(hidden_sizes=(128,))
+    c.convlstm.update(channels=(16,))
   return c
 
 
@@ -118,9 +126,13 @@ def make_env(config: ml_collections.ConfigDict) -> envs_lib.Environment:
 def make_task(config: ml_collections.ConfigDict) -> Task:
   validate(config)
   env = make_env(config)
+  obs_shape = env.observation_spec().shape
+  core_kwargs = config_lib.core_kwargs(config)
+  if config.core == "convlstm":
+    core_kwargs.setdefault("input_shape", tuple(obs_shape[:2]))
   net = make_actor_critic(
-      env.observation_spec().shape, env.action_spec().num_values,
-      core_name=config.core, core_kwargs=config_lib.core_kwargs(config),
+      obs_shape, env.action_spec().num_values,
+      core_name=config.core, core_kwargs=core_kwargs,
       conv_channels=tuple(config.conv_channels),
       head_hidden=tuple(config.head_hidden), precision=config.precision)
   return actor_critic_task(

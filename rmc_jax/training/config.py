@@ -67,9 +67,10 @@ def core_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 def validate(config: ml_collections.ConfigDict) -> None:
   """Checks the shared fields; raises ConfigError naming the bad one."""
-  if config.core not in CORES:
+  usable = sorted(name for name in CORES if name in config)
+  if config.core not in usable:
     raise ConfigError(f"--config.core={config.core!r}: expected one of "
-                      f"{sorted(CORES)}.")
+                      f"{usable}.")
   for field in ("num_steps", "batch_size", "log_every", "eval_every",
                 "checkpoint_every", "keep_checkpoints", "grad_accum_steps"):
     value = config[field]

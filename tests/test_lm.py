@@ -25,6 +25,7 @@ corpus is written under pytest's tmp dirs (`cache_dir`), never ~/.cache.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -516,6 +517,8 @@ def _bad_input_cases(root) -> dict:
   empty_split = _wiki_dir(root, "empty_split", valid=b"")
   undecodable = _wiki_dir(root, "undecodable",
                           test=b" fine words \n bad \xff\xfe bytes \n")
+  tfds_installed = all(importlib.util.find_spec(m) for m in
+                       ("tensorflow", "tensorflow_datasets"))
   return {
       "missing_data_dir": ([SMALL, "--config.data_dir=/nonexistent"],
                            ["/nonexistent"]),
@@ -544,6 +547,13 @@ def _bad_input_cases(root) -> dict:
       "train_split_too_short": (
           [SMALL, f"--config.data_dir={good}", *FULL_SOFTMAX],
           ["train", "--config.unroll_length"]),
+      # The paper variant's shuffle_seed is ignored; then either the tfds
+      # extra is missing or the dataset is not in the TFDS data dir.
+      "tfds_dataset": (
+          ["--config=lm:gutenberg", "--config.dataset=tfds:pg19",
+           f"--config.data_dir={empty}"],
+          ["pg19", "could not load TFDS" if tfds_installed
+           else "pip install -e .[tfds]"]),
   }
 
 
@@ -586,7 +596,7 @@ def bad_runs(tmp_path_factory):
     "undecodable_bytes", "unknown_dataset", "unknown_core", "zero_batch_size",
     "zero_num_steps", "cutoffs_beyond_vocabulary", "bad_core_argument",
     "tied_adaptive_softmax", "unknown_config_field", "vocab_size_too_small",
-    "train_split_too_short"])
+    "train_split_too_short", "tfds_dataset"])
 def test_bad_input_is_one_error_line_naming_it(bad_runs, case):
   r = bad_runs[case]
   stderr = r["stderr"]

@@ -137,6 +137,22 @@ def parse_flags(argv: list[str]) -> list[str]:
   return rest
 
 
+PLOT_INSTALL_HINT = "pip install -e .[plot]"
+
+
+def pyplot():
+  """matplotlib.pyplot on the Agg backend (files only); without matplotlib,
+  one line naming the `plot` extra and exit code 2."""
+  try:
+    import matplotlib  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    fail("plots need matplotlib, which is not installed; install the "
+         f"optional extra: {PLOT_INSTALL_HINT}")
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  return plt
+
+
 def fail(message: str, code: int = 2):
   """One line on stderr, then exit with `code` (2: bad input)."""
   print(f"error: {message}", file=sys.stderr)

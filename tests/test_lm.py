@@ -34,6 +34,7 @@ import subprocess
 import sys
 import types
 
+import chex
 import haiku as hk
 import jax
 import jax.numpy as jnp
@@ -170,7 +171,7 @@ def test_carry_then_segment_equals_one_long_segment(tmp_path, core):
   nll_long, final_long = fns.forward(params, model_batch(long), fresh)
   assert max_abs_diff(nll1, nll_long[:, :t]) <= 1e-5
   assert max_abs_diff(nll2, nll_long[:, t:]) <= 1e-5
-  assert max_abs_diff(final, final_long) <= 1e-5
+  chex.assert_trees_all_close(final, final_long, atol=1e-5, rtol=0)
 
   # The carry matters: segment 2 from a fresh state gives other NLLs.
   nll2_fresh, _ = fns.forward(params, model_batch(second), fresh)
@@ -259,7 +260,7 @@ def test_loop_threads_the_carry_and_resets_each_epoch(trained):
   from_scratch, _ = mean_nll(states[1].params, batch, fresh)
   assert abs(logged[2] - carried) <= 1e-5, (logged[2], carried)
   assert abs(carried - from_scratch) > 1e-3  # Resetting would differ.
-  assert max_abs_diff(states[2].carry, carry) <= 1e-5
+  chex.assert_trees_all_close(states[2].carry, carry, atol=1e-5, rtol=0)
 
   # Step 3 = epoch 1, segment 0: its 'reset' flags restart every lane.
   batch = batcher.batch_at(1, 0)
@@ -271,7 +272,7 @@ def test_loop_threads_the_carry_and_resets_each_epoch(trained):
   assert abs(restarted - from_scratch) <= 1e-6
   assert abs(logged[3] - restarted) <= 1e-5, (logged[3], restarted)
   assert abs(kept - restarted) > 1e-3
-  assert max_abs_diff(states[3].carry, carry) <= 1e-5
+  chex.assert_trees_all_close(states[3].carry, carry, atol=1e-5, rtol=0)
 
 
 # -- 3. Exact evaluation -------------------------------------------------------
@@ -701,8 +702,9 @@ def test_top1_sampling_is_greedy(tmp_path):
 
   expected = jax.jit(hk.without_apply_rng(hk.transform(greedy)).apply)(
       params, jnp.asarray(prompt))
+  chex.assert_shape(out, (8,))
+  chex.assert_type(out, np.int32)
   np.testing.assert_array_equal(out, np.asarray(expected))
-  assert out.dtype == np.int32 and out.shape == (8,)
 
 
 # A next-token distribution with distinct probabilities (so every nucleus is

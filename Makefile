@@ -1,5 +1,6 @@
 # `make demo` and `make test` create (or reuse) .venv and install the pinned
-# requirements plus this package (editable) before running anything.
+# requirements (with those of the test and plot extras, so that the tests
+# cover the figures) plus this package (editable) before running anything.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -14,7 +15,7 @@ $(STAMP): requirements.txt setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade "pip>=24"
 	$(PY) -m pip install --quiet -r requirements.txt
-	$(PY) -m pip install --quiet --no-deps -e ".[test]"
+	$(PY) -m pip install --quiet --no-deps -e ".[test,plot]"
 	touch $(STAMP)
 
 test: $(STAMP)

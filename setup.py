@@ -24,10 +24,11 @@ setuptools.setup(
         "numpy>=2.0",
         "tqdm>=4.66",
         "tensorboardX>=2.6",
-        "matplotlib>=3.9",
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3"],
+        # Figures of launch.plot --out and launch.report.
+        "plot": ["matplotlib>=3.9"],
         # Only for --config.dataset=tfds:NAME (not pinned; about 1.6 GB).
         "tfds": ["tensorflow-cpu", "tensorflow-datasets"],
     },

@@ -2,13 +2,21 @@
 
 `--config=NAME:VARIANT` names an experiment of `rmc_jax.experiments` (e.g.
 `nth_farthest:cpu`); `--config=FILE.py[:VARIANT]` a config file. Fields are
-overridden with `--config.field=value` (nested: `--config.rmc.head_size=16`).
-A bad value is one line on stderr and exit code 2.
+overridden with `--config.field=value` (nested: `--config.rmc.head_size=16`);
+only existing fields can be set, so a misspelt field is an error. The
+exceptions are the fields of OPEN_FIELDS, keyword arguments that the library
+checks where it uses them (a corpus reader's options, an environment's
+arguments): `--config.reader_options.download=true` adds a key to them (the
+value is read as a Python literal, `true`/`false` as booleans, anything else
+as a string). A bad value is one line on stderr and exit code 2.
 """
 
 from __future__ import annotations
 
+import ast
+import re
 import sys
+from typing import Any
 
 from absl import flags
 from ml_collections import config_flags
@@ -17,6 +25,15 @@ from rmc_jax import experiments
 from rmc_jax.training import checkpoint
 
 _CONFIG_PREFIX = "--config="
+
+# Dict-valued config fields that take new keys from the command line (see the
+# module docstring); a bad key is reported by the code that receives them.
+OPEN_FIELDS = ("reader_options", "env_kwargs")
+_OPEN_OVERRIDE = re.compile(
+    r"--config\.(%s)\.(\w+)=(.*)" % "|".join(OPEN_FIELDS), re.DOTALL)
+# The command line ml_collections reads the --config.* overrides from: the
+# real one without the overrides of OPEN_FIELDS (`parse_flags` applies those).
+_CONFIG_ARGV: list[str] = []
 
 # What opening or writing a run directory raises, each with a one-line message.
 RUN_ERRORS = (checkpoint.CheckpointNotFoundError,
@@ -28,12 +45,13 @@ RUN_ERRORS = (checkpoint.CheckpointNotFoundError,
 def define_config_flag(default: str | None = None):
   """The `--config` flag (see the module docstring), resolved by
   `parse_flags`; `default` is a NAME:VARIANT or a file."""
+  _CONFIG_ARGV[:] = _split_open_overrides(sys.argv)[0]
   try:
     resolved = experiments.config_file(default) if default else None
     return config_flags.DEFINE_config_file(
         "config", resolved,
         "NAME:VARIANT of an experiment (" + ", ".join(experiments.names())
-        + ") or FILE.py[:VARIANT].", lock_config=True)
+        + ") or FILE.py[:VARIANT].", lock_config=True, sys_argv=_CONFIG_ARGV)
   except (AttributeError, KeyError) as e:
     bad = [a.split("=")[0] for a in sys.argv[1:] if a.startswith("--config.")]
     fail(f"unknown config field {e} among {bad}; see the experiment's "
@@ -55,18 +73,84 @@ def _resolve_config_args(argv: list[str]) -> list[str]:
   return out
 
 
+def _split_open_overrides(argv: list[str]
+                          ) -> tuple[list[str], list[tuple[str, str, str]]]:
+  """(argv without the `--config.FIELD.KEY=VALUE` flags of OPEN_FIELDS,
+  their (FIELD, KEY, VALUE) in command-line order)."""
+  rest, overrides = [], []
+  for arg in argv:
+    match = _OPEN_OVERRIDE.fullmatch(arg)
+    if match:
+      overrides.append(match.groups())
+    else:
+      rest.append(arg)
+  return rest, overrides
+
+
+def _literal(text: str) -> Any:
+  """A flag value as ml_collections reads an untyped one: `true`/`false`,
+  a Python literal, or else the string itself."""
+  try:
+    return ast.literal_eval(text.capitalize() if text in ("true", "false")
+                            else text)
+  except (SyntaxError, ValueError):
+    return text
+
+
+def _set_open_fields(config, overrides: list[tuple[str, str, str]]) -> None:
+  """Applies `--config.FIELD.KEY=VALUE` flags of OPEN_FIELDS (new keys
+  allowed; an existing key keeps its type)."""
+  for field, key, text in overrides:
+    flag = f"--config.{field}.{key}"
+    if config is None:
+      fail(f"{flag} needs --config=NAME:VARIANT (or FILE.py[:VARIANT]).")
+    if field not in config:
+      fail(f"unknown config field {field!r} in {flag}; see the experiment's "
+           "get_config for the fields.")
+    try:
+      with config.unlocked():
+        config[field][key] = _literal(text)
+    except TypeError as e:
+      fail(f"{flag}={text}: {e}")
+
+
 def parse_flags(argv: list[str]) -> list[str]:
   """absl flag parsing that reports a bad `--config` in one line.
 
   Use as `app.run(main, flags_parser=common.parse_flags)`.
   """
+  argv, open_overrides = _split_open_overrides(argv)
+  _CONFIG_ARGV[:] = argv
   try:
-    return flags.FLAGS(_resolve_config_args(argv))
+    rest = flags.FLAGS(_resolve_config_args(argv))
   except flags.Error as e:
     fail(str(e))
   except (AttributeError, KeyError, TypeError, ValueError) as e:
     bad = [a for a in argv[1:] if a.startswith("--config")]
-    fail(f"bad --config among {bad}: {str(e).strip().splitlines()[-1]}")
+    # ml_collections wraps a missing field's KeyError in an AttributeError;
+    # str() of a KeyError would quote its newlines.
+    reason = e.args[0] if e.args else e
+    if isinstance(reason, KeyError) and reason.args:
+      reason = reason.args[0]
+    fail(f"bad --config among {bad}: {' '.join(str(reason).split())}")
+  _set_open_fields(flags.FLAGS["config"].value, open_overrides)
+  return rest
+
+
+PLOT_INSTALL_HINT = "pip install -e .[plot]"
+
+
+def pyplot():
+  """matplotlib.pyplot on the Agg backend (files only); without matplotlib,
+  one line naming the `plot` extra and exit code 2."""
+  try:
+    import matplotlib  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    fail("plots need matplotlib, which is not installed; install the "
+         f"optional extra: {PLOT_INSTALL_HINT}")
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  return plt
 
 
 def fail(message: str, code: int = 2):

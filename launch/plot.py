@@ -6,16 +6,17 @@ r"""Compares runs: learning curves (PNG) and a table from any set of workdirs.
 Each curve is labelled by its workdir's name; the table lists the core, the
 parameter count, the final held-out (eval) metrics and the run's average
 training speed (evaluation and checkpoints included) from `summary.json`.
+`--out` needs matplotlib (`pip install -e .[plot]`).
 """
 
 from __future__ import annotations
 
 import os
-import sys
 
 from absl import app
 from absl import flags
 
+from launch import common
 from rmc_jax.training.runs import read_history, series
 
 _WORKDIRS = flags.DEFINE_list("workdirs", None, "Run directories to compare.",
@@ -48,10 +49,7 @@ def table(runs: list[dict], metric: str, split: str = "eval") -> str:
 
 def plot(runs: list[dict], out: str, metric: str, split: str = "eval") -> None:
   """Writes `split` `metric` and train loss against steps, one line per run."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-
+  plt = common.pyplot()
   fig, (ax_metric, ax_loss) = plt.subplots(1, 2, figsize=(10, 3.8), dpi=100)
   for run in runs:
     ax_metric.plot(*series(run, split, metric), marker=".", label=run["name"])
@@ -70,11 +68,12 @@ def plot(runs: list[dict], out: str, metric: str, split: str = "eval") -> None:
 
 def main(argv):
   del argv
+  if _OUT.value:
+    common.pyplot()  # Before any work: fails without the plot extra.
   try:
     runs = [read_history(w) for w in _WORKDIRS.value]
   except FileNotFoundError as e:
-    print(f"error: --workdirs: {e}", file=sys.stderr)
-    sys.exit(2)
+    common.fail(f"--workdirs: {e}")
   print(table(runs, _METRIC.value, _SPLIT.value))
   if _OUT.value:
     plot(runs, _OUT.value, _METRIC.value, _SPLIT.value)

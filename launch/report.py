@@ -3,7 +3,7 @@ r"""Renders one results page (markdown + PNG figures) from run workdirs.
   python -m launch.report --manifest=docs/manifest.json --out=docs/results.md
 
 The figures are written next to the page (`<stem>_<section>.png`, e.g.
-docs/results_nth_farthest.png). Every number in the "ours" tables is read
+docs/results_nth_farthest.png), with matplotlib (`pip install -e .[plot]`). Every number in the "ours" tables is read
 from the workdirs (summary.json, metrics.jsonl, config.json); the paper's
 numbers (Santoro et al., 2018, full scale) are printed beside them and always
 marked as the paper's.
@@ -56,6 +56,7 @@ from typing import Any, Callable
 from absl import app
 from absl import flags
 
+from launch import common
 from rmc_jax import experiments
 from rmc_jax.training.runs import read_history
 from rmc_jax.training.runs import series
@@ -230,13 +231,6 @@ SPEED_HEADER = ["steps/s (avg)", "wall time"]
 # -- Figures ---------------------------------------------------------------------
 
 
-def _pyplot():
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  return plt
-
-
 def save_figure(fig, path: str) -> None:
   """Saves at DPI; saves again smaller if the PNG is over MAX_PNG_BYTES."""
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -245,7 +239,7 @@ def save_figure(fig, path: str) -> None:
   while os.path.getsize(path) > MAX_PNG_BYTES and dpi > 40:
     dpi = int(dpi * 0.75)
     fig.savefig(path, dpi=dpi)
-  _pyplot().close(fig)
+  common.pyplot().close(fig)
 
 
 def _style(ax, xlabel: str, ylabel: str, title: str) -> None:
@@ -296,7 +290,7 @@ class Context:
     Nothing is saved when no curve was `drawn` (runs that logged nothing yet).
     """
     if not drawn:
-      _pyplot().close(fig)
+      common.pyplot().close(fig)
       return "_No figure: none of these runs has logged this metric yet._"
     path = self.figure_path(name)
     save_figure(fig, path)
@@ -309,7 +303,7 @@ def _missing_lines(missing: list[str]) -> list[str]:
 
 def _nth_block(ctx: Context, key: str, runs: list[dict], title: str) -> str:
   """Figure (held-out accuracy, training loss) and table of Nth-farthest runs."""
-  plt = _pyplot()
+  plt = common.pyplot()
   fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(9, 3.2))
   drawn = _curves(ax_acc, runs, NTH.split, NTH.metric, 100)
   drawn += _curves(ax_loss, runs, "train", "loss")
@@ -403,7 +397,7 @@ def render_learn_to_execute(ctx: Context, spec: dict) -> str:
            "task and core."]
   if runs:
     tasks = sorted({_lte_task(r) for r in runs})
-    plt = _pyplot()
+    plt = common.pyplot()
     fig, axes = plt.subplots(1, len(tasks), figsize=(3.6 * len(tasks) + 0.6,
                                                      3.2), squeeze=False)
     drawn = 0
@@ -466,7 +460,7 @@ def render_lm(ctx: Context, key: str, spec: dict) -> str:
                  f"{entropy:.4f} nats/token, so no model can have a perplexity "
                  f"below exp({entropy:.4f}) = {math.exp(entropy):.3f}.")
   if runs:
-    plt = _pyplot()
+    plt = common.pyplot()
     fig, ax = plt.subplots(figsize=(5.6, 3.4))
     drawn = _curves(ax, runs, "eval", LM.metric)
     if entropy is not None:
@@ -548,7 +542,7 @@ def render_rl(ctx: Context, spec: dict, key: str = "rl") -> str:
            "random-policy run is shown as a horizontal line at its mean over "
            "all windows."]
   if runs:
-    plt = _pyplot()
+    plt = common.pyplot()
     fig, ax = plt.subplots(figsize=(5.6, 3.4))
     longest = max(len(series(r, RL.split, RL.metric)[0]) for r in runs)
     width = max(1, longest // 20)
@@ -634,7 +628,7 @@ def plot_attention(weights, path: str, *, ids=None, title: str = "",
   panels = [("mean of heads", w.mean(axis=1))]
   if heads == "all" and num_heads > 1:
     panels += [(f"head {h}", w[:, h]) for h in range(min(num_heads, 8))]
-  plt = _pyplot()
+  plt = common.pyplot()
   cell = 1.15 if num_steps * len(panels) <= 24 else 0.9
   fig, axes = plt.subplots(
       len(panels), num_steps, squeeze=False,
@@ -826,6 +820,7 @@ _OUT = flags.DEFINE_string("out", "docs/results.md",
 
 def main(argv: list[str]) -> int:
   del argv
+  common.pyplot()  # Before any work: fails without the plot extra.
   if not _MANIFEST.value:
     print("error: --manifest is required", file=sys.stderr)
     return 2

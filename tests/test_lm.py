@@ -25,6 +25,7 @@ corpus is written under pytest's tmp dirs (`cache_dir`), never ~/.cache.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -33,6 +34,7 @@ import subprocess
 import sys
 import types
 
+import chex
 import haiku as hk
 import jax
 import jax.numpy as jnp
@@ -169,7 +171,7 @@ def test_carry_then_segment_equals_one_long_segment(tmp_path, core):
   nll_long, final_long = fns.forward(params, model_batch(long), fresh)
   assert max_abs_diff(nll1, nll_long[:, :t]) <= 1e-5
   assert max_abs_diff(nll2, nll_long[:, t:]) <= 1e-5
-  assert max_abs_diff(final, final_long) <= 1e-5
+  chex.assert_trees_all_close(final, final_long, atol=1e-5, rtol=0)
 
   # The carry matters: segment 2 from a fresh state gives other NLLs.
   nll2_fresh, _ = fns.forward(params, model_batch(second), fresh)
@@ -258,7 +260,7 @@ def test_loop_threads_the_carry_and_resets_each_epoch(trained):
   from_scratch, _ = mean_nll(states[1].params, batch, fresh)
   assert abs(logged[2] - carried) <= 1e-5, (logged[2], carried)
   assert abs(carried - from_scratch) > 1e-3  # Resetting would differ.
-  assert max_abs_diff(states[2].carry, carry) <= 1e-5
+  chex.assert_trees_all_close(states[2].carry, carry, atol=1e-5, rtol=0)
 
   # Step 3 = epoch 1, segment 0: its 'reset' flags restart every lane.
   batch = batcher.batch_at(1, 0)
@@ -270,7 +272,7 @@ def test_loop_threads_the_carry_and_resets_each_epoch(trained):
   assert abs(restarted - from_scratch) <= 1e-6
   assert abs(logged[3] - restarted) <= 1e-5, (logged[3], restarted)
   assert abs(kept - restarted) > 1e-3
-  assert max_abs_diff(states[3].carry, carry) <= 1e-5
+  chex.assert_trees_all_close(states[3].carry, carry, atol=1e-5, rtol=0)
 
 
 # -- 3. Exact evaluation -------------------------------------------------------
@@ -516,6 +518,8 @@ def _bad_input_cases(root) -> dict:
   empty_split = _wiki_dir(root, "empty_split", valid=b"")
   undecodable = _wiki_dir(root, "undecodable",
                           test=b" fine words \n bad \xff\xfe bytes \n")
+  tfds_installed = all(importlib.util.find_spec(m) for m in
+                       ("tensorflow", "tensorflow_datasets"))
   return {
       "missing_data_dir": ([SMALL, "--config.data_dir=/nonexistent"],
                            ["/nonexistent"]),
@@ -544,6 +548,13 @@ def _bad_input_cases(root) -> dict:
       "train_split_too_short": (
           [SMALL, f"--config.data_dir={good}", *FULL_SOFTMAX],
           ["train", "--config.unroll_length"]),
+      # The paper variant's shuffle_seed is ignored; then either the tfds
+      # extra is missing or the dataset is not in the TFDS data dir.
+      "tfds_dataset": (
+          ["--config=lm:gutenberg", "--config.dataset=tfds:pg19",
+           f"--config.data_dir={empty}"],
+          ["pg19", "could not load TFDS" if tfds_installed
+           else "pip install -e .[tfds]"]),
   }
 
 
@@ -586,7 +597,7 @@ def bad_runs(tmp_path_factory):
     "undecodable_bytes", "unknown_dataset", "unknown_core", "zero_batch_size",
     "zero_num_steps", "cutoffs_beyond_vocabulary", "bad_core_argument",
     "tied_adaptive_softmax", "unknown_config_field", "vocab_size_too_small",
-    "train_split_too_short"])
+    "train_split_too_short", "tfds_dataset"])
 def test_bad_input_is_one_error_line_naming_it(bad_runs, case):
   r = bad_runs[case]
   stderr = r["stderr"]
@@ -691,6 +702,8 @@ def test_top1_sampling_is_greedy(tmp_path):
 
   expected = jax.jit(hk.without_apply_rng(hk.transform(greedy)).apply)(
       params, jnp.asarray(prompt))
+  chex.assert_shape(out, (8,))
+  chex.assert_type(out, np.int32)
   np.testing.assert_array_equal(out, np.asarray(expected))
   assert out.dtype == np.int32 and out.shape == (8,)
 
@@ -713,3 +726,89 @@ def test_gradient_accumulation_carries_each_lanes_state(tmp_path):
   assert max_abs_diff(out[2][0].carry, out[1][0].carry) <= 1e-6
   assert max(float(np.abs(x).max())
              for x in jax.tree.leaves(out[1][0].carry)) > 1e-2
+
+
+# A next-token distribution with distinct probabilities (so every nucleus is
+# unique) and the masses between which the nucleus changes.
+NEXT_PROBS = np.array([0.05, 0.32, 0.11, 0.27, 0.17, 0.08])
+
+
+def _nucleus_by_enumeration(probs, top_p: float) -> set[int]:
+  """The smallest set of tokens with mass >= top_p (the most massive of the
+  smallest ones), found by trying every subset."""
+  best = None
+  for mask in range(1, 2 ** len(probs)):
+    members = {i for i in range(len(probs)) if mask >> i & 1}
+    mass = sum(probs[i] for i in members)
+    if mass >= top_p and (best is None or (len(members), -mass) <
+                          (len(best[0]), -best[1])):
+      best = (members, mass)
+  return best[0]
+
+
+@pytest.mark.parametrize("top_p", [0.1, 0.32, 0.5, 0.6, 0.8, 0.9, 0.99, 1.0])
+def test_top_p_keeps_the_smallest_set_reaching_p(top_p):
+  logits = sampling.filter_logits(jnp.log(jnp.asarray(NEXT_PROBS, jnp.float32)),
+                                  top_p=top_p)
+  kept = {int(i) for i in np.flatnonzero(np.isfinite(np.asarray(logits)))}
+  assert kept == _nucleus_by_enumeration(NEXT_PROBS, top_p)
+  # The kept logits are unchanged (renormalised only by the softmax).
+  np.testing.assert_allclose(np.asarray(logits)[sorted(kept)],
+                             np.log(NEXT_PROBS[sorted(kept)]), rtol=1e-6)
+
+
+class FixedDistributionLM(hk.Module):
+  """A stand-in LanguageModel whose next-token distribution is NEXT_PROBS
+  whatever the input, with a counter as its state."""
+
+  def initial_state(self, batch_size):
+    return jnp.zeros((batch_size,), jnp.int32)
+
+  def next_token_log_probs(self, inputs_B, state):
+    log_probs_V = jnp.log(jnp.asarray(NEXT_PROBS, jnp.float32))
+    return jnp.broadcast_to(log_probs_V, inputs_B.shape + log_probs_V.shape), \
+        state + 1
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [
+    (1.0, 0, 1.0), (0.5, 0, 1.0), (2.0, 0, 0.75), (1.0, 4, 0.7)])
+def test_samples_follow_the_filtered_distribution(temperature, top_k, top_p):
+  n = 3000
+  out = sampling.sample({}, FixedDistributionLM, np.asarray([0], np.int32), n,
+                        temperature=temperature, top_k=top_k, top_p=top_p,
+                        seed=1)
+  # The expected distribution, computed here in float64: p ** (1 / T)
+  # renormalised, the top_k most likely, then the nucleus.
+  scaled = NEXT_PROBS ** (1 / temperature)
+  scaled /= scaled.sum()
+  if top_k:
+    scaled[np.argsort(-scaled)[top_k:]] = 0
+    scaled /= scaled.sum()
+  expected = np.zeros_like(scaled)
+  nucleus = sorted(_nucleus_by_enumeration(scaled, top_p))
+  expected[nucleus] = scaled[nucleus] / scaled[nucleus].sum()
+  freq = np.bincount(out, minlength=len(NEXT_PROBS)) / n
+  assert set(np.flatnonzero(freq)) <= set(nucleus)
+  # 4.5 standard errors of a frequency over n draws.
+  np.testing.assert_array_less(
+      np.abs(freq - expected), 4.5 * np.sqrt(expected * (1 - expected) / n)
+      + 1e-9)
+
+
+@pytest.mark.parametrize("options,word", [
+    (dict(temperature=0.0), "temperature"), (dict(top_k=-1), "top_k"),
+    (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p")])
+def test_bad_sampling_options_are_refused(options, word):
+  with pytest.raises(ValueError, match=word):
+    sampling.sample({}, FixedDistributionLM, np.asarray([0], np.int32), 1,
+                    **options)
+
+
+def test_sample_launcher_refuses_a_bad_top_p(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, "-m", "launch.sample_lm", f"--workdir={tmp_path}",
+       "--top_p=0"], cwd=REPO_ROOT, env=subprocess_env(),
+      capture_output=True, text=True, timeout=120, check=False)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert proc.stderr.strip().splitlines() == [
+      "error: --top_p must be in (0, 1] (1: all tokens), got 0.0"]

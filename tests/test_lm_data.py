@@ -383,21 +383,34 @@ def test_text_reader(tmp_path):
     list(corpora.read_split("text", d, "test"))
 
 
-def test_tfds_missing_gives_install_hint(monkeypatch):
-  monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # import -> ImportError
+@pytest.mark.parametrize("module", ["tensorflow", "tensorflow_datasets"])
+def test_tfds_missing_is_one_line_naming_the_extra(monkeypatch, module):
+  monkeypatch.setitem(sys.modules, "tensorflow", _fake_tensorflow([]))
+  monkeypatch.setitem(sys.modules, module, None)  # import -> ImportError
   with pytest.raises(corpora.OptionalDependencyError) as info:
     corpora.make_reader("tfds:pg19")
   message = str(info.value)
-  assert "\n" not in message and "'tfds:pg19'" in message
-  assert "pip install tensorflow tensorflow-datasets" in message
+  assert "\n" not in message and "'tfds:pg19'" in message and module in message
+  assert "pip install -e .[tfds]" in message
+  assert isinstance(info.value, DataError)  # The launchers' one-line errors.
 
 
-def test_tfds_reader_with_fake_module(monkeypatch):
-  calls = []
+def _fake_tensorflow(events: list) -> types.ModuleType:
+  """A `tensorflow` module with the device calls the reader makes, logged."""
+  visible = {"GPU": ["gpu:0"], "TPU": ["tpu:0"], "CPU": ["cpu:0"]}
+  tf = types.ModuleType("tensorflow")
+  tf.config = types.SimpleNamespace(
+      get_visible_devices=lambda kind: list(visible[kind]),
+      set_visible_devices=lambda devices, kind: (
+          events.append(("hide", kind)), visible.__setitem__(kind, devices)))
+  return tf
+
+
+def _fake_tfds(monkeypatch, events: list) -> None:
   fake = types.ModuleType("tensorflow_datasets")
 
   def load(name, split, data_dir, shuffle_files, download):
-    calls.append((name, split, data_dir, shuffle_files, download))
+    events.append(("load", name, split, data_dir, shuffle_files, download))
     if split == "test":
       raise RuntimeError("Dataset pg19 not found.\nDetails...")
     return [{"book_text": b"One para\nwrapped.\n\nTwo.", "book_id": b"1"},
@@ -405,14 +418,103 @@ def test_tfds_reader_with_fake_module(monkeypatch):
 
   fake.load = load
   fake.as_numpy = iter
+  monkeypatch.setitem(sys.modules, "tensorflow", _fake_tensorflow(events))
   monkeypatch.setitem(sys.modules, "tensorflow_datasets", fake)
+
+
+def test_tfds_reader_with_fake_module(monkeypatch):
+  events = []
+  _fake_tfds(monkeypatch, events)
   reader = corpora.make_reader("tfds:pg19", None)
   assert list(reader.sequences("valid")) == [["One", "para", "wrapped", ".", "<eos>"],
                                              ["Two", ".", "<eos>"], ["Three", "!", "<eos>"]]
-  assert calls == [("pg19", "validation", None, False, False)]
+  # TensorFlow is kept off the accelerators before any dataset is built.
+  assert events == [("hide", "GPU"), ("hide", "TPU"),
+                    ("load", "pg19", "validation", None, False, False)]
   with pytest.raises(DataError, match=r"could not load TFDS 'pg19' split 'test': "
                                       r"RuntimeError: Dataset pg19 not found\.$"):
     reader.sequences("test")
+
+
+def test_tfds_ignores_shuffle_seed_with_a_warning(monkeypatch):
+  _fake_tfds(monkeypatch, [])
+  warnings = []
+  monkeypatch.setattr(corpora.logging, "warning",
+                      lambda fmt, *args: warnings.append(fmt % args))
+  reader = corpora.make_reader("tfds:pg19", None, shuffle_seed=0, eos="line")
+  assert warnings == ["tfds:pg19 ignores the reader option shuffle_seed=0: "
+                      "TFDS examples are read in their stored order."]
+  assert reader.settings() == corpora.make_reader("tfds:pg19", None,
+                                                  eos="line").settings()
+  with pytest.raises(DataError, match=r"^dataset 'tfds:pg19' has no reader option "
+                                      r"'shufle_seed'; its options: text_key, "):
+    corpora.make_reader("tfds:pg19", None, shufle_seed=0)
+
+
+# Books of a tiny TFDS dataset, per TFDS split.
+TFDS_BOOKS = {"train": ["The cat sat.\n\nThe dog\nran off.", "A cat ran!"],
+              "validation": ["The dog sat."], "test": ["A dog, a cat."]}
+
+
+@pytest.fixture(scope="module")
+def tfds_dir(tmp_path_factory) -> pathlib.Path:
+  """TFDS_BOOKS prepared by TFDS itself, in its on-disk format, under a name
+  no installed builder has (so it is read back from the files alone)."""
+  tfds = pytest.importorskip(
+      "tensorflow_datasets", reason="needs the tfds extra (pip install -e .[tfds])")
+  pytest.importorskip("tensorflow", reason="needs the tfds extra (pip install -e .[tfds])")
+  data_dir = tmp_path_factory.mktemp("tfds")
+  with tfds.core.registered.skip_registration():
+
+    class TinyBooks(tfds.core.GeneratorBasedBuilder):
+      """TFDS_BOOKS with PG-19's features."""
+
+      VERSION = tfds.core.Version("1.0.0")
+
+      def _info(self):
+        return self.dataset_info_from_configs(features=tfds.features.FeaturesDict(
+            {"book_text": tfds.features.Text(), "book_id": tfds.features.Text()}))
+
+      def _split_generators(self, dl_manager):
+        del dl_manager
+        return {split: self._generate_examples(split) for split in TFDS_BOOKS}
+
+      def _generate_examples(self, split):
+        for i, text in enumerate(TFDS_BOOKS[split]):
+          yield f"{split}{i}", {"book_text": text, "book_id": f"{split}{i}"}
+
+    TinyBooks(data_dir=str(data_dir)).download_and_prepare()
+  return data_dir
+
+
+def test_tfds_reader_reads_a_prepared_dataset(tfds_dir, tmp_path):
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  reader = corpora.make_reader("tfds:tiny_books", tfds_dir, shuffle_seed=0)
+  train = list(reader.sequences("train"))
+  # TFDS may store examples in another order than they were generated.
+  assert sorted(train) == sorted([["The", "cat", "sat", ".", "<eos>"],
+                                  ["The", "dog", "ran", "off", ".", "<eos>"],
+                                  ["A", "cat", "ran", "!", "<eos>"]])
+  assert list(reader.sequences("valid")) == [["The", "dog", "sat", ".", "<eos>"]]
+  assert tf.config.get_visible_devices("GPU") == []
+  assert tf.config.get_visible_devices("TPU") == []
+  corpus = cache_lib.load_corpus("tfds:tiny_books", str(tfds_dir), str(tmp_path),
+                                 reader_options={"shuffle_seed": 0})
+  # ',' and 'a' are not training words.
+  assert corpus.vocab.decode(corpus.splits["test"]) == [
+      "A", "dog", "<unk>", "<unk>", "cat", ".", "<eos>"]
+  with pytest.raises(DataError, match=r"^could not load TFDS 'tiny_books' split "
+                                      r"'test': .*$"):
+    corpora.make_reader("tfds:tiny_books", tmp_path / "elsewhere").sequences("test")
+
+
+def test_unknown_reader_options_are_one_line_errors(tmp_path, wiki_dir):
+  with pytest.raises(DataError, match=r"^dataset 'wikitext' has no reader option "
+                                      r"'bogus'; its options: shuffle_seed$"):
+    corpora.make_reader("wikitext", wiki_dir, bogus=1)
+  with pytest.raises(DataError, match=r"^dataset 'synthetic' has no reader option "
+                                      r"'bogus'; its options: num_words, "):
+    corpora.make_reader("synthetic", None, bogus=1)
 
 
 # -- Bad input --------------------------------------------------------------------

@@ -223,3 +223,28 @@ def test_runs_without_points_give_no_figure(tmp_path):
   row = find_row(text, run="RMC", core="RMC")
   assert row["parameters"] == "?" and row["seed"] == "1"
   assert row["steps"] == "? (in progress: no summary.json)"
+
+
+# Runs a launcher's entry point with matplotlib unimportable.
+_WITHOUT_MATPLOTLIB = """
+import runpy, sys
+sys.modules["matplotlib"] = None  # import matplotlib -> ImportError
+sys.argv = sys.argv[1:]
+runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
+"""
+
+
+@pytest.mark.parametrize("module,flags", [
+    ("launch.plot", ["--workdirs=nowhere", "--out=curves.png"]),
+    ("launch.report", ["--manifest=none.json", "--out=r.md"])])
+def test_without_matplotlib_one_line_names_the_plot_extra(tmp_path, module,
+                                                          flags):
+  result = subprocess.run(
+      [sys.executable, "-c", _WITHOUT_MATPLOTLIB, module, *flags],
+      cwd=tmp_path, capture_output=True, text=True, check=False, timeout=120,
+      env=dict(os.environ, PYTHONPATH=REPO_ROOT))
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert result.stderr.strip().splitlines() == [
+      "error: plots need matplotlib, which is not installed; install the "
+      "optional extra: pip install -e .[plot]"]
+  assert not os.listdir(tmp_path)

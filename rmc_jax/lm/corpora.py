@@ -48,13 +48,17 @@ Datasets (`make_reader(dataset, data_dir, **options)`):
   non-blank line is one sequence (blank lines are skipped), tokenised with
   `str.split` by default (option `tokenizer='regex'`).
 * 'tfds:NAME' (e.g. 'tfds:pg19', 'tfds:lm1b'): TensorFlow Datasets, imported
-  lazily; a clear `OptionalDependencyError` says how to install it when it
-  is missing. Each example's text feature (`text_key`, default the first of
+  lazily (with TensorFlow kept off GPUs and TPUs, which stay JAX's); a
+  one-line `OptionalDependencyError` names the optional extra when
+  TensorFlow or TFDS is missing. `data_dir` is the TFDS data dir (None:
+  TFDS's default). Each example's text feature (`text_key`, default the first of
   'book_text', 'text' present) is split into lines and treated like a PG-19
   book (`eos` and `tokenizer` options as for 'pg19'). Split names map
   'valid' -> 'validation' unless `split_names` says otherwise (lm1b has no
   validation split: pass split_names={'valid': 'test'} or similar).
-  No download happens unless `download=True`.
+  No download happens unless `download=True`. Options of the local readers
+  that do not apply to TFDS (`shuffle_seed`: examples are read in their
+  stored order) are ignored with a warning.
 * 'synthetic': `MarkovSource` (see rmc_jax.lm.synthetic); `data_dir` must be
   None; options are the source's settings plus `train_tokens`,
   `valid_tokens`, `test_tokens`.
@@ -62,7 +66,7 @@ Datasets (`make_reader(dataset, data_dir, **options)`):
 Errors: bad input raises `DataError` (a ValueError) with a one-line message
 naming the file or directory: missing or empty data dir, unrecognised
 layout, missing split file or folder, empty split, undecodable bytes (file
-and byte offset), corrupt gzip data, unknown dataset name. Readers check
+and byte offset), corrupt gzip data, unknown dataset name or reader option. Readers check
 paths eagerly (in the constructor and in `sequences`/`source_files`); an
 empty split is detected when its iterator is exhausted.
 """
@@ -75,6 +79,7 @@ import dataclasses
 import gzip
 import hashlib
 import html
+import inspect
 import io
 import os
 import re
@@ -82,6 +87,7 @@ import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, BinaryIO
 
+from absl import logging
 import numpy as np
 
 from rmc_jax.lm import synthetic
@@ -117,8 +123,9 @@ class DataError(ValueError):
   """Bad corpus input; the one-line message names the file or directory."""
 
 
-class OptionalDependencyError(ImportError):
-  """An optional dependency (e.g. tensorflow-datasets) is not installed."""
+class OptionalDependencyError(DataError, ImportError):
+  """An optional dependency (e.g. tensorflow-datasets) is not installed; the
+  one-line message names the extra to install."""
 
 
 # -- Tokenisation ----------------------------------------------------------------
@@ -676,17 +683,31 @@ class TextReader(CorpusReader):
 
 # -- TensorFlow Datasets ----------------------------------------------------------
 
-TFDS_INSTALL_HINT = "pip install tensorflow tensorflow-datasets"
+# The `tfds` extra of setup.py.
+TFDS_INSTALL_HINT = "pip install -e .[tfds] (tensorflow-cpu and tensorflow-datasets)"
+# Options of the local readers that TFDS datasets ignore, and why.
+TFDS_IGNORED_OPTIONS = {
+    "shuffle_seed": "TFDS examples are read in their stored order"}
+_ACCELERATORS = ("GPU", "TPU")
 
 
 def _import_tfds(dataset: str):
-  """Imports tensorflow_datasets or raises a one-line OptionalDependencyError."""
+  """Imports TensorFlow (kept off GPUs and TPUs, which stay JAX's) and
+  tensorflow_datasets, or raises a one-line OptionalDependencyError."""
   try:
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  except ImportError:
+  except ImportError as e:
     raise OptionalDependencyError(
-        f"dataset {dataset!r} needs tensorflow-datasets, which is not installed; "
-        f"install the optional extra with: {TFDS_INSTALL_HINT}") from None
+        f"dataset {dataset!r} needs TensorFlow and TensorFlow Datasets "
+        f"({e.name or 'a module'} is not installed); install the optional "
+        f"extra: {TFDS_INSTALL_HINT}") from None
+  for kind in _ACCELERATORS:
+    if tf.config.get_visible_devices(kind):
+      try:
+        tf.config.set_visible_devices([], kind)
+      except RuntimeError as e:  # TensorFlow's runtime had already started.
+        logging.warning("TensorFlow keeps its %s devices (%s).", kind, e)
   return tfds
 
 
@@ -763,6 +784,7 @@ class SyntheticReader(CorpusReader):
                **source_options: Any) -> None:
     if data_dir is not None:
       raise ValueError(f"the synthetic dataset takes no data_dir, got {data_dir!r}")
+    _check_options(synthetic.MarkovSource, self.name, source_options, positional=0)
     self.source = synthetic.MarkovSource(**source_options)
     self.num_tokens = {"train": int(train_tokens), "valid": int(valid_tokens),
                        "test": int(test_tokens)}
@@ -802,15 +824,37 @@ def canonical_dataset(dataset: str) -> str:
   return name
 
 
+def _check_options(target: Callable[..., Any], dataset: str,
+                   options: Mapping[str, Any], positional: int) -> None:
+  """Raises DataError unless `target` (a reader class or the synthetic
+  source) takes every keyword of `options`; its first `positional`
+  parameters are not options."""
+  params = list(inspect.signature(target).parameters.values())[positional:]
+  names = [p.name for p in params if p.kind is p.POSITIONAL_OR_KEYWORD
+           or p.kind is p.KEYWORD_ONLY]
+  unknown = sorted(set(options) - set(names))
+  if unknown and not any(p.kind is p.VAR_KEYWORD for p in params):
+    raise DataError(f"dataset {dataset!r} has no reader option "
+                    f"{', '.join(map(repr, unknown))}; its options: "
+                    f"{', '.join(names) or 'none'}")
+
+
 def make_reader(dataset: str, data_dir: str | None = None, **options: Any) -> CorpusReader:
   """The reader of `dataset` on `data_dir` (see module docstring for options).
 
-  Raises DataError for an unknown dataset or a bad data_dir, TypeError for an
-  unknown option, OptionalDependencyError for 'tfds:*' without TFDS.
+  Raises DataError for an unknown dataset or option or a bad data_dir,
+  OptionalDependencyError (a DataError) for 'tfds:*' without TensorFlow or
+  TFDS. A TFDS dataset ignores TFDS_IGNORED_OPTIONS with a warning.
   """
   name = canonical_dataset(dataset)
   if name.startswith("tfds:"):
+    for key in sorted(set(options) & set(TFDS_IGNORED_OPTIONS)):
+      logging.warning("%s ignores the reader option %s=%r: %s.", name, key,
+                      options[key], TFDS_IGNORED_OPTIONS[key])
+    options = {k: v for k, v in options.items() if k not in TFDS_IGNORED_OPTIONS}
+    _check_options(TFDSReader, name, options, positional=2)
     return TFDSReader(name[len("tfds:"):], data_dir, **options)
+  _check_options(DATASETS[name], name, options, positional=1)
   return DATASETS[name](data_dir, **options)
 
 

@@ -4,7 +4,9 @@ A run directory holds `config.json` and `checkpoints/<step>/` (see
 `rmc_jax.training.checkpoint`). `load_run` gives its config and the
 parameters of its newest readable checkpoint as host arrays, without
 building the task's data: the checkpoints are opened read-only. `read_history` gives its logs
-(metrics.jsonl, summary.json) for plots and reports.
+(metrics.jsonl, summary.json) for plots and reports. `export_params` writes a
+run's parameters and config into one .npz file, which `load_exported` reads
+back without the run directory.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 
 from rmc_jax.training import checkpoint as checkpoint_lib
 
@@ -39,12 +42,17 @@ def load_config(workdir: str, experiment: str | None = None
   predates the `experiment` field. Raises FileNotFoundError when there is no
   config.json, ValueError when the experiment is unknown.
   """
-  from rmc_jax import experiments  # pylint: disable=g-import-not-at-top
   path = os.path.join(workdir, "config.json")
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{path} not found (not a run directory?)")
   with open(path, encoding="utf-8") as f:
-    saved = json.load(f)
+    return _config_over_defaults(json.load(f), path, experiment)
+
+
+def _config_over_defaults(saved: Any, path: str, experiment: str | None
+                          ) -> ml_collections.ConfigDict:
+  """A saved config (a JSON object) over its experiment's defaults."""
+  from rmc_jax import experiments  # pylint: disable=g-import-not-at-top
   if not isinstance(saved, dict):
     raise ValueError(f"{path}: expected a JSON object")
   saved.setdefault("experiment", experiment)
@@ -78,6 +86,69 @@ def load_run(workdir: str, experiment: str | None = None) -> Run:
   config = load_config(workdir, experiment)
   params, step = restore_params(workdir)
   return Run(workdir=workdir, config=config, params=params, step=step)
+
+
+# Keys of an export that are not parameters.
+EXPORT_CONFIG_KEY = "__config__"
+EXPORT_STEP_KEY = "__step__"
+
+
+def export_params(run: Run, path: str) -> int:
+  """Writes the run's parameters to the .npz file `path`; returns their count.
+
+  One array per parameter, keyed 'module/path/param': Haiku's module name
+  with its '/~/' separators written as '/', then the parameter name (e.g.
+  'relational_memory/block_0/qkv/w' for Haiku's
+  'relational_memory/~/block_0/~/qkv' and 'w'; each module's docstring lists
+  its names), plus EXPORT_CONFIG_KEY (the run's config as JSON) and
+  EXPORT_STEP_KEY (the checkpoint's step). Read it back with
+  `load_exported`, or with `np.load` anywhere.
+  """
+  arrays = {}
+  for module, module_params in run.params.items():
+    module_path = module.replace("/~/", "/")
+    if module_path.replace("/", "/~/") != module:
+      raise ValueError(f"module name {module!r} does not map to a "
+                       "'module/path' key and back")
+    for name, value in module_params.items():
+      value = np.asarray(value)
+      if value.dtype.kind == "V":
+        raise ValueError(f"parameter {module}/{name} has dtype {value.dtype}, "
+                         "which .npz files do not record")
+      arrays[f"{module_path}/{name}"] = value
+  arrays[EXPORT_CONFIG_KEY] = np.asarray(run.config.to_json())
+  arrays[EXPORT_STEP_KEY] = np.asarray(run.step)
+  with open(path, "wb") as f:  # np.savez(path) would append '.npz'.
+    np.savez(f, **arrays)
+  return len(arrays) - 2
+
+
+def load_exported(path: str) -> tuple[ml_collections.ConfigDict, dict]:
+  """(config, Haiku params) of a file written by `export_params`.
+
+  The config is laid over its experiment's current defaults (as
+  `load_config`); the params are {module: {name: NumPy array}}, what the
+  experiment's model takes. Raises FileNotFoundError, or ValueError when
+  `path` is not such a file.
+  """
+  try:
+    data = np.load(path, allow_pickle=False)
+  except (OSError, ValueError) as e:
+    if not os.path.exists(path):
+      raise FileNotFoundError(f"{path} not found") from None
+    raise ValueError(f"{path}: not an .npz file ({e})") from None
+  with data:
+    if EXPORT_CONFIG_KEY not in data.files:
+      raise ValueError(f"{path}: not a parameter export (no "
+                       f"{EXPORT_CONFIG_KEY!r} entry)")
+    config = _config_over_defaults(json.loads(str(data[EXPORT_CONFIG_KEY])),
+                                   path, None)
+    params = {}
+    for key in data.files:
+      if key not in (EXPORT_CONFIG_KEY, EXPORT_STEP_KEY):
+        module_path, name = key.rsplit("/", 1)
+        params.setdefault(module_path.replace("/", "/~/"), {})[name] = data[key]
+  return config, params
 
 
 def read_jsonl(path: str) -> list[dict]:

@@ -155,10 +155,7 @@ def markdown(table: dict[str, dict], split: str, metric: str) -> str:
 def plot_bands(out: str, cores: list[str], seeds: list[int], split: str,
                metric: str, path: str) -> None:
   """Mean curve per core over the seeds' common steps, +- one std band."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-
+  plt = common.pyplot()
   fig, ax = plt.subplots(figsize=(6, 3.8), dpi=90)
   for core in cores:
     curves = [dict(zip(*runs.series(runs.read_history(run_dir(out, core, s)),
@@ -198,6 +195,7 @@ def main(argv):
     common.fail("--parallel must be >= 1 and --cores, --seeds non-empty.")
   split = _SPLIT.value or results.split
   metric = _METRIC.value or results.metric
+  common.pyplot()  # Before any run: fails without the plot extra.
   out = _OUT.value
   os.makedirs(out, exist_ok=True)
   failed = run_grid(_EXPERIMENT.value, _CORES.value, seeds, out, overrides,

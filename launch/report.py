@@ -3,8 +3,8 @@ r"""Renders one results page (markdown + PNG figures) from run workdirs.
   python -m launch.report --manifest=docs/manifest.json --out=docs/results.md
 
 The figures are written next to the page (`<stem>_<section>.png`, e.g.
-docs/results_nth_farthest.png), with matplotlib (`pip install -e .[plot]`). Every number in the "ours" tables is read
-from the workdirs (summary.json, metrics.jsonl, config.json); the paper's
+docs/results_nth_farthest.png), with matplotlib (`pip install -e .[plot]`).
+Every number in the "ours" tables is read from the workdirs (summary.json, metrics.jsonl, config.json); the paper's
 numbers (Santoro et al., 2018, full scale) are printed beside them and always
 marked as the paper's.
 

@@ -15,14 +15,18 @@ from __future__ import annotations
 
 from typing import Any, Iterable, NamedTuple
 
+import math
+
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 import ml_collections
 import numpy as np
 import optax
 
 from rmc_jax.training import config as config_lib
-from rmc_jax.training.mesh import DataMesh
+from rmc_jax.training.mesh import DATA_AXIS, DataMesh
 from rmc_jax.training.task import Batch, Carry, Params, Task
 
 
@@ -51,11 +55,44 @@ def _fresh_state(task: Task, config: ml_collections.ConfigDict,
                     carry=carry)
 
 
-def state_shardings(state: TrainState, mesh: DataMesh) -> TrainState:
-  """Parameters and optimizer state replicated, the carry split by batch."""
-  rep = lambda tree: jax.tree.map(lambda _: mesh.replicated, tree)
-  return TrainState(step=mesh.replicated, params=rep(state.params),
-                    opt_state=rep(state.opt_state), rng=mesh.replicated,
+# With `shard_params`, arrays of at least this many elements are split over
+# the devices; smaller ones (biases, layer norms, Adam's step count) stay
+# replicated: splitting them saves little memory and costs a collective each.
+SHARD_MIN_ELEMENTS = 2**16
+
+
+def _split_sharding(leaf: Any, mesh: DataMesh) -> NamedSharding:
+  """`leaf` split over the 'data' axis along its largest axis that the
+  number of devices divides; replicated when small or none divides."""
+  shape = tuple(leaf.shape)
+  n = mesh.num_devices
+  axes = [a for a, size in enumerate(shape) if size % n == 0]
+  if n == 1 or math.prod(shape) < SHARD_MIN_ELEMENTS or not axes:
+    return mesh.replicated
+  axis = max(axes, key=lambda a: shape[a])
+  spec = [None] * len(shape)
+  spec[axis] = DATA_AXIS
+  return NamedSharding(mesh.mesh, P(*spec))
+
+
+def state_shardings(state: TrainState, mesh: DataMesh,
+                    shard_params: bool = False) -> TrainState:
+  """Where every leaf of a (concrete or abstract) state lives.
+
+  The carry is split by batch. Parameters and optimizer state are
+  replicated or, with `shard_params` (`config.shard_params`), every array
+  of at least SHARD_MIN_ELEMENTS elements is split along one axis over the
+  devices (its largest axis that the device count divides; the Adam moments
+  like their parameter), so each device holds about 1/n of them; XLA
+  gathers a parameter where it is used and reduce-scatters its gradient.
+  Used for the fresh state, restore targets and the train step alike.
+  """
+  if shard_params:
+    place = lambda tree: jax.tree.map(lambda x: _split_sharding(x, mesh), tree)
+  else:
+    place = lambda tree: jax.tree.map(lambda _: mesh.replicated, tree)
+  return TrainState(step=mesh.replicated, params=place(state.params),
+                    opt_state=place(state.opt_state), rng=mesh.replicated,
                     carry=jax.tree.map(lambda _: mesh.batch_sharding,
                                        state.carry))
 
@@ -71,7 +108,7 @@ def abstract_train_state(task: Task, config: ml_collections.ConfigDict,
   return jax.tree.map(
       lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype,
                                                sharding=sharding),
-      shapes, state_shardings(shapes, mesh))
+      shapes, state_shardings(shapes, mesh, config.shard_params))
 
 
 def init_train_state(task: Task, config: ml_collections.ConfigDict,
@@ -79,7 +116,7 @@ def init_train_state(task: Task, config: ml_collections.ConfigDict,
   """The state at step 0 (parameters from `config.seed`), placed on `mesh`."""
   example = task.example_batch()
   abstract = jax.eval_shape(lambda: _fresh_state(task, config, example))
-  shardings = state_shardings(abstract, mesh)
+  shardings = state_shardings(abstract, mesh, config.shard_params)
   return jax.jit(lambda: _fresh_state(task, config, example),
                  out_shardings=shardings)()
 
@@ -95,7 +132,7 @@ def make_train_step(task: Task, config: ml_collections.ConfigDict,
   Metrics: the task's, plus loss, grad_norm and learning_rate.
   """
   optimizer, schedule = config_lib.make_optimizer(config)
-  shardings = state_shardings(state, mesh)
+  shardings = state_shardings(state, mesh, config.shard_params)
 
   def step_fn(state: TrainState, batch: Batch):
     rng = jax.random.fold_in(state.rng, state.step)
@@ -117,7 +154,8 @@ def make_train_step(task: Task, config: ml_collections.ConfigDict,
 class Evaluator:
   """Runs `task.evaluate` over a split's batches in order, carry threaded.
 
-  Batches are read one at a time; only per-batch scalar metrics are kept.
+  Batches (this process's rows, see `Task`) are read one at a time; only
+  per-batch scalar metrics are kept.
   Compiled once per batch shape.
   """
 
@@ -137,17 +175,20 @@ class Evaluator:
     carry, results = None, []
     for batch in batches:
       if carry is None:
-        batch_size = int(jax.tree.leaves(batch)[0].shape[0])
+        batch_size = (int(jax.tree.leaves(batch)[0].shape[0])
+                      * jax.process_count())
         mesh.check_batch_size(batch_size, "eval batch size")
-        carry = self._init_carry(batch_size)
-        carry_sharding = jax.tree.map(lambda _: mesh.batch_sharding, carry)
+        carry_sharding = jax.tree.map(
+            lambda _: mesh.batch_sharding,
+            jax.eval_shape(lambda: self._init_carry(batch_size)))
+        carry = jax.jit(lambda: self._init_carry(batch_size),
+                        out_shardings=carry_sharding)()
         if self._fn is None:
           self._fn = jax.jit(
               self._task.evaluate,
-              in_shardings=(mesh.replicated, carry_sharding,
-                            mesh.batch_sharding),
+              # Parameters stay where they are (replicated or split).
+              in_shardings=(None, carry_sharding, mesh.batch_sharding),
               out_shardings=(mesh.replicated, carry_sharding))
-        carry = jax.device_put(carry, carry_sharding)
       metrics, carry = self._fn(params, carry, mesh.shard_batch(batch))
       results.append(metrics)
     if not results:

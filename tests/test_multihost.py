@@ -6,7 +6,8 @@ single-process run on one device of the same global batches.
   1. Nth farthest and the LM: 2 processes x 2 devices, 1 process x 4 devices
      and 1 process x 1 device end with the same parameters and evaluation
      after k steps (relative 1e-5); only process 0 writes the logs.
-  2. Killing one process of two (SIGKILL, after a checkpoint) makes the
+  2. SIGTERM to one process of two stops both at the same step with one
+     checkpoint. Killing one process of two (SIGKILL, after a checkpoint) makes the
      runner exit non-zero within 90 s with no process left; rerunning the
      same command resumes and ends equal to the uninterrupted run, and so
      does resuming on 1 process x 4 devices.
@@ -215,6 +216,40 @@ def test_killed_process_stops_the_run_and_the_rerun_resumes(
     params, step = final_params(resumed)
     assert step == NTH_STEPS
     assert_close(params, reference, 1e-5)
+
+
+def test_sigterm_to_one_process_stops_both_at_one_step(tmp_path):
+  workdir = tmp_path / "run"
+  flags = [f for f in NTH_FLAGS if "num_steps" not in f] + [
+      "--config.num_steps=100000"]
+  argv, env = command(workdir, flags, 2, 2)
+  with open(tmp_path / "stderr.txt", "w+", encoding="utf-8") as stderr:
+    proc = subprocess.Popen(argv, cwd=REPO_ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=stderr)
+    try:
+      marker = workdir / "checkpoints" / "2" / "commit_success.txt"
+      deadline = time.monotonic() + RUN_TIMEOUT_S
+      while not marker.exists():
+        assert proc.poll() is None, "the run ended before its first checkpoint"
+        assert time.monotonic() < deadline, "no checkpoint in time"
+        time.sleep(0.05)
+      stderr.seek(0)
+      pid = re.search(r"local_cluster: process 1 is pid (\d+)",
+                      stderr.read()).group(1)
+      os.kill(int(pid), signal.SIGTERM)  # Process 0 gets no signal.
+      code = proc.wait(timeout=90)
+    finally:
+      proc.kill()
+      proc.wait()
+    stderr.seek(0)
+    log = stderr.read()
+  assert code == 0, log[-3000:]
+  stops = re.findall(r"^\[(\d)\] .*Stopped by (.*) at step (\d+); checkpoint "
+                     "saved", log, re.M)
+  assert sorted(s[0] for s in stops) == ["0", "1"], log[-3000:]
+  assert len({s[2] for s in stops}) == 1  # The same step on both.
+  _, step = final_params(workdir)
+  assert step == int(stops[0][2])
 
 
 SHARDED_SCRIPT = r"""

@@ -185,7 +185,9 @@ def train(task: Task, config: ml_collections.ConfigDict, workdir: str,
       if interrupted:
         status = "interrupted"
         logging.warning("Stopped by %s at step %d; checkpoint saved. Run the "
-                        "same command to resume.", stop.signal_name, step)
+                        "same command to resume.",
+                        stop.signal_name or "a signal to another process",
+                        step)
         break
   except NonFiniteLossError as e:
     status = "non_finite_loss"

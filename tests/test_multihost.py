@@ -264,11 +264,11 @@ results = {}
 for shard in (False, True):
   config = lm.get_config("synthetic")
   config.core = "lstm"
-  config.lstm.hidden_sizes = (64,)
-  config.embed_size = 256
+  config.lstm.hidden_sizes = (256,)
+  config.embed_size = 250  # The 500 x 250 embedding: split as 4 x 2 tiles.
   config.batch_size, config.unroll_length = 16, 8
   config.shard_params = shard
-  vocab = 512
+  vocab = 500
   tokens = np.random.default_rng(0).integers(0, vocab, 16 * 8 * 6 + 1)
   task = lm.build_task(config, vocab, batcher.TBPTTBatcher(tokens, 16, 8))
   mesh = DataMesh()
@@ -295,7 +295,9 @@ def test_sharded_parameters_train_like_replicated_ones():
   results = json.loads(proc.stdout)
   replicated, sharded = results["false"], results["true"]
   assert replicated["num_split"] == 0
-  # The embedding and softmax matrices and their two Adam moments.
-  assert sharded["num_split"] >= 6
+  # The embedding (in 4 x 2 tiles), the LSTM's two matrices (along their
+  # 1024 columns), the 256 x 500 softmax matrix and the Adam moments of
+  # the four.
+  assert sharded["num_split"] == 12
   assert_close(sharded["params"], replicated["params"], 1e-5)
   np.testing.assert_allclose(sharded["loss"], replicated["loss"], rtol=1e-5)

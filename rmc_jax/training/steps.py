@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import Any, Iterable, NamedTuple
 
+import itertools
 import math
 
 import jax
@@ -61,18 +62,45 @@ def _fresh_state(task: Task, config: ml_collections.ConfigDict,
 SHARD_MIN_ELEMENTS = 2**16
 
 
+def _tiles(mesh: DataMesh, n0: int, n1: int) -> jax.sharding.Mesh:
+  """The devices of `mesh`, in the same order, as an n0 x n1 grid."""
+  return jax.sharding.Mesh(
+      np.asarray(mesh.mesh.devices).reshape(n0, n1),
+      (f"{DATA_AXIS}_0", f"{DATA_AXIS}_1"),
+      axis_types=(jax.sharding.AxisType.Auto,) * 2)
+
+
 def _split_sharding(leaf: Any, mesh: DataMesh) -> NamedSharding:
-  """`leaf` split over the 'data' axis along its largest axis that the
-  number of devices divides; replicated when small or none divides."""
+  """Where `leaf` lives when split over the n devices of `mesh`.
+
+  The first that fits: along its largest axis that n divides; along two
+  axes whose sizes divide by n0 and n1 = n / n0 (a 2-D view of the same
+  devices: e.g. a 2500 x 7500 matrix on 8 devices, as 2 x 4 tiles); along
+  one axis over the largest proper factor f of n that divides it (each
+  device holds 1/f; e.g. 2500 x 20003 on 8 devices, in quarters); else
+  replicated, as are arrays under SHARD_MIN_ELEMENTS.
+  """
   shape = tuple(leaf.shape)
   n = mesh.num_devices
-  axes = [a for a, size in enumerate(shape) if size % n == 0]
-  if n == 1 or math.prod(shape) < SHARD_MIN_ELEMENTS or not axes:
+  if n == 1 or math.prod(shape) < SHARD_MIN_ELEMENTS:
     return mesh.replicated
-  axis = max(axes, key=lambda a: shape[a])
   spec = [None] * len(shape)
-  spec[axis] = DATA_AXIS
-  return NamedSharding(mesh.mesh, P(*spec))
+  axes = [a for a, size in enumerate(shape) if size % n == 0]
+  if axes:
+    spec[max(axes, key=lambda a: shape[a])] = DATA_AXIS
+    return NamedSharding(mesh.mesh, P(*spec))
+  factors = [f for f in range(n - 1, 1, -1) if n % f == 0]  # Largest first.
+  for n0 in factors:
+    for i, j in itertools.permutations(range(len(shape)), 2):
+      if shape[i] % n0 == 0 and shape[j] % (n // n0) == 0:
+        spec[i], spec[j] = f"{DATA_AXIS}_0", f"{DATA_AXIS}_1"
+        return NamedSharding(_tiles(mesh, n0, n // n0), P(*spec))
+  for f in factors:
+    axes = [a for a, size in enumerate(shape) if size % f == 0]
+    if axes:
+      spec[max(axes, key=lambda a: shape[a])] = f"{DATA_AXIS}_1"
+      return NamedSharding(_tiles(mesh, n // f, f), P(*spec))
+  return mesh.replicated
 
 
 def state_shardings(state: TrainState, mesh: DataMesh,
@@ -81,9 +109,10 @@ def state_shardings(state: TrainState, mesh: DataMesh,
 
   The carry is split by batch. Parameters and optimizer state are
   replicated or, with `shard_params` (`config.shard_params`), every array
-  of at least SHARD_MIN_ELEMENTS elements is split along one axis over the
-  devices (its largest axis that the device count divides; the Adam moments
-  like their parameter), so each device holds about 1/n of them; XLA
+  of at least SHARD_MIN_ELEMENTS elements is split over the devices (along
+  one axis, or two when no single axis divides, or over a factor of the
+  device count; see `_split_sharding`; the Adam moments like their
+  parameter), so each device holds about 1/n of them; XLA
   gathers a parameter where it is used and reduce-scatters its gradient.
   Used for the fresh state, restore targets and the train step alike.
   """

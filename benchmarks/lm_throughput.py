@@ -20,7 +20,9 @@ of the full vocabulary (no corpus is read); the timed steps read one batch of
 continuing lanes ('reset' False). Reported per configuration: parameters, median seconds per step over
 `--repeats` timed steps after `--warmup` untimed ones, tokens/s (= B x T /
 median), XLA's memory analysis of the compiled step (arguments, outputs,
-temporaries, and the bytes aliased by buffer donation) and the process's peak
+temporaries, and the bytes aliased by buffer donation), the bytes of
+parameters + optimizer state per device ('state': replicated, or split over
+the devices with `--shard_params`) and the process's peak
 resident memory so far (`ru_maxrss`; monotone over the run, so it belongs to
 the largest configuration timed up to that row).
 
@@ -29,6 +31,9 @@ the largest configuration timed up to that row).
       --unroll_length=20 --repeats=3                     # a quick CPU check
   python -m benchmarks.lm_throughput --sizes=wikitext103 --compile_only
                                      # memory of the full batch, not run
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m \
+      benchmarks.lm_throughput --sizes=wikitext103 --cores=rmc \
+      --compile_only [--shard_params]   # 8 devices, 64 x 100 per device
 """
 
 from __future__ import annotations
@@ -74,6 +79,9 @@ _SEED = flags.DEFINE_integer("seed", 0, "Seed of parameters and batches.")
 _COMPILE_ONLY = flags.DEFINE_bool(
     "compile_only", False, "Only compile and report XLA's memory analysis "
     "(e.g. for batches too large to run on this machine).")
+_SHARD_PARAMS = flags.DEFINE_bool(
+    "shard_params", False, "Split large parameters and their Adam moments "
+    "over the devices (config.shard_params) instead of replicating them.")
 _JSON = flags.DEFINE_string("json", None, "Also write the results here.")
 
 
@@ -81,6 +89,15 @@ def random_tokens(rng: np.random.Generator, vocab_size: int, batch_size: int,
                   unroll: int) -> np.ndarray:
   """A uniformly random token stream long enough for a few steps per lane."""
   return rng.integers(0, vocab_size, batch_size * unroll * 4 + 1, np.int32)
+
+
+def state_bytes_per_device(state: steps.TrainState) -> int:
+  """Bytes of parameters + optimizer state that one device holds."""
+  total = 0
+  for leaf in jax.tree.leaves((state.params, state.opt_state)):
+    shape = leaf.sharding.shard_shape(leaf.shape)
+    total += math.prod(shape) * np.dtype(leaf.dtype).itemsize
+  return total
 
 
 def peak_rss_bytes() -> int:
@@ -96,6 +113,7 @@ def time_config(size: str, core: str, mesh: DataMesh) -> dict:
   config.seed = _SEED.value
   config.batch_size = _BATCH.value or per_device * mesh.num_devices
   config.unroll_length = _UNROLL.value
+  config.shard_params = _SHARD_PARAMS.value
   mesh.check_batch_size(config.batch_size, "--batch_size")
   b, t = config.batch_size, config.unroll_length
 
@@ -105,7 +123,12 @@ def time_config(size: str, core: str, mesh: DataMesh) -> dict:
   task = lm.build_task(config, vocab_size,
                        batcher_lib.TBPTTBatcher(tokens, b, t))
   start = time.perf_counter()
-  state = steps.init_train_state(task, config, mesh)
+  # Compiling only needs the state's shapes and shardings: nothing is
+  # allocated (the replicated state of the large model on many fake
+  # devices would not fit in host memory).
+  state = (steps.abstract_train_state(task, config, mesh)
+           if _COMPILE_ONLY.value else
+           steps.init_train_state(task, config, mesh))
   num_params = steps.count_params(state.params)
   train_step = steps.make_train_step(task, config, mesh, state)
   first = mesh.shard_batch(next(task.train_iterator))
@@ -116,7 +139,8 @@ def time_config(size: str, core: str, mesh: DataMesh) -> dict:
 
   row = dict(size=size, core=core, vocab_size=vocab_size, batch_size=b,
              unroll_length=t, num_devices=mesh.num_devices,
-             num_params=num_params,
+             shard_params=config.shard_params, num_params=num_params,
+             state_bytes_per_device=state_bytes_per_device(state),
              init_and_compile_seconds=init_and_compile_seconds)
   if memory is not None:
     row.update(
@@ -178,7 +202,7 @@ def main(argv):
            f"warmup {_WARMUP.value}, median of {_REPEATS.value} steps")
         + "; memory in GiB")
   header = (f"{'size':11} {'core':4} {'vocab':>7} {'B':>4} {'T':>4} "
-            f"{'params':>12} {'s/step':>8} {'tokens/s':>10} {'args':>6} "
+            f"{'params':>12} {'state':>6} {'s/step':>8} {'tokens/s':>10} {'args':>6} "
             f"{'out':>6} {'temp':>6} {'alias':>6} {'a+o+t':>6} {'maxRSS':>7}")
   print(header)
   print("-" * len(header))
@@ -189,6 +213,7 @@ def main(argv):
       results.append(r)
       print(f"{size:11} {core:4} {r['vocab_size']:>7} {r['batch_size']:>4} "
             f"{r['unroll_length']:>4} {r['num_params']:>12,} "
+            f"{_gib(r['state_bytes_per_device']):>6} "
             f"{r.get('seconds_per_step', math.nan):>8.3f} "
             f"{r.get('tokens_per_sec', math.nan):>10,.0f} "
             f"{_gib(r.get('argument_bytes')):>6} "

@@ -9,6 +9,18 @@ checks where it uses them (a corpus reader's options, an environment's
 arguments): `--config.reader_options.download=true` adds a key to them (the
 value is read as a Python literal, `true`/`false` as booleans, anything else
 as a string). A bad value is one line on stderr and exit code 2.
+
+Multi-process runs: `define_distributed_flags()` adds the flags that join a
+launcher to a JAX cluster, `initialize_distributed()` (first thing in `main`)
+acts on them:
+
+  --distributed                  read coordinator, process count and id
+                                 from the cluster environment (TPU pod,
+                                 Slurm, Open MPI);
+  --coordinator_address=HOST:PORT --num_processes=N --process_id=I
+                                 give them explicitly (all three or none;
+                                 `python -m launch.local_cluster` passes
+                                 them).
 """
 
 from __future__ import annotations
@@ -19,6 +31,7 @@ import sys
 from typing import Any
 
 from absl import flags
+import jax
 from ml_collections import config_flags
 
 from rmc_jax import experiments
@@ -40,6 +53,69 @@ RUN_ERRORS = (checkpoint.CheckpointNotFoundError,
               checkpoint.CheckpointMismatchError,
               checkpoint.CheckpointDamagedError, checkpoint.CheckpointDirError,
               checkpoint.CheckpointSaveError)
+
+
+# A process whose peer stopped sending heartbeats for this long is declared
+# dead and every process of the job stops with an error (instead of waiting
+# in a collective forever); a stopping process waits at most
+# _SHUTDOWN_TIMEOUT_S for the others to stop too.
+_HEARTBEAT_TIMEOUT_S = 20
+_SHUTDOWN_TIMEOUT_S = 30
+
+
+def define_distributed_flags():
+  """The multi-process flags (see the module docstring)."""
+  flags.DEFINE_bool(
+      "distributed", False,
+      "Join a multi-process run, one process per host: coordinator address, "
+      "process count and id come from the cluster environment (TPU pod, "
+      "Slurm, Open MPI), unless given by the three flags below.")
+  flags.DEFINE_string(
+      "coordinator_address", None,
+      "HOST:PORT of process 0's coordination service (with --num_processes "
+      "and --process_id).")
+  flags.DEFINE_integer("num_processes", None,
+                       "Number of processes of the run (with "
+                       "--coordinator_address).")
+  flags.DEFINE_integer("process_id", None,
+                       "This process's id in [0, --num_processes).")
+
+
+def initialize_distributed() -> None:
+  """Joins the cluster the multi-process flags describe; nothing without them.
+
+  Call before any computation. Selects the gloo collectives for CPU devices
+  (the setting only affects the CPU backend). Bad combinations fail in one
+  line (exit code 2), as does a coordinator that cannot be reached.
+  """
+  address = flags.FLAGS.coordinator_address
+  num_processes = flags.FLAGS.num_processes
+  process_id = flags.FLAGS.process_id
+  explicit = (address, num_processes, process_id)
+  if any(v is not None for v in explicit):
+    if any(v is None for v in explicit):
+      fail("--coordinator_address, --num_processes and --process_id go "
+           "together: give all three (or none, with --distributed, to read "
+           "them from the cluster environment).")
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+      fail(f"--coordinator_address={address!r}: expected HOST:PORT.")
+    if num_processes < 1 or not 0 <= process_id < num_processes:
+      fail(f"--num_processes={num_processes} --process_id={process_id}: "
+           "expected num_processes >= 1 and 0 <= process_id < "
+           "num_processes.")
+  elif not flags.FLAGS.distributed:
+    return
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  try:
+    jax.distributed.initialize(
+        coordinator_address=address, num_processes=num_processes,
+        process_id=process_id,
+        heartbeat_timeout_seconds=_HEARTBEAT_TIMEOUT_S,
+        shutdown_timeout_seconds=_SHUTDOWN_TIMEOUT_S)
+  except (RuntimeError, ValueError) as e:
+    fail("cannot join the multi-process run: "
+         + " ".join(str(e).split())[:300])
 
 
 def define_config_flag(default: str | None = None):

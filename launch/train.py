@@ -8,6 +8,9 @@ r"""Trains (or evaluates) any experiment of `rmc_jax.experiments`.
   python -m launch.train --config=lm:wikitext103 --config.data_dir=DIR \
       --workdir=workdirs/wt103_rmc [--config.eval_only=true]
   python -m launch.train --config=rl:cpu --workdir=workdirs/rl_rmc
+  python -m launch.local_cluster --num_processes=2 --devices_per_process=2 \
+      -- python -m launch.train --config=nth_farthest:cpu --workdir=DIR
+  srun ... python -m launch.train --distributed --config=... --workdir=DIR
 
 Rerunning the same command on a workdir with checkpoints resumes from the
 latest readable checkpoint (a damaged one is moved to checkpoints/damaged/).
@@ -16,6 +19,12 @@ After training, the final parameters are evaluated on every held-out split
 latest checkpoint instead of training. Bad input (a bad flag, a checkpoint of
 another model, an unusable --workdir) is one line on stderr and exit code 2;
 a non-finite loss stops the run with exit code 1.
+
+Multi-process runs (`--distributed`, or `--coordinator_address`,
+`--num_processes` and `--process_id`; see launch/common.py): every process
+runs this same command on the same --workdir (a shared filesystem); each
+reads only its own rows of every batch, all take part in each checkpoint,
+and only process 0 writes logs, metrics and summary.json.
 """
 
 from __future__ import annotations
@@ -37,10 +46,7 @@ from rmc_jax.training.task import Task
 _CONFIG = common.define_config_flag()
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory.",
                                required=True)
-_DISTRIBUTED = flags.DEFINE_bool(
-    "distributed", False,
-    "Call jax.distributed.initialize() first (one process per host; "
-    "coordinator and process ids come from the cluster environment).")
+common.define_distributed_flags()
 
 _SUMMARY_KEYS = ("status", "step", "num_params", "steps_per_sec", "train")
 
@@ -51,8 +57,7 @@ def main(argv):
   if config is None:
     common.fail("--config is required: NAME:VARIANT with NAME one of "
                 f"{experiments.names()}, or FILE.py[:VARIANT].")
-  if _DISTRIBUTED.value:
-    jax.distributed.initialize()
+  common.initialize_distributed()
   logging.set_verbosity(logging.INFO)
   # Orbax narrates every save at INFO; keep its warnings, drop the rest.
   logging.get_absl_handler().addFilter(

@@ -109,7 +109,7 @@ def _multi_device_main(tmpdir: str) -> dict:
   # Loss and gradients of one global batch, sharded over 8 devices or on 1.
   config = tiny_config("rmc")
   task = nth_experiment.make_task(config)
-  batch = task.train_iterator.batch_at(0)
+  batch = task.train_iterator.iterator.batch_at(0)
   params = jax.jit(task.init)(jax.random.PRNGKey(1), batch)
   rng = jax.random.PRNGKey(2)
   grad_fn = jax.jit(jax.value_and_grad(
@@ -296,7 +296,7 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
 
 
 class _PoisonedIterator:
-  """A NthFarthestIterator whose batch `bad_index` has NaN inputs."""
+  """The Nth-farthest train iterator with NaN inputs in batch `bad_index`."""
 
   def __init__(self, inner: nth_farthest.NthFarthestIterator, bad_index: int):
     self._inner = inner
@@ -306,7 +306,7 @@ class _PoisonedIterator:
     return self
 
   def __next__(self):
-    index = self._inner.index
+    index = self._inner.get_state()["index"]
     inputs, labels = next(self._inner)
     if index == self._bad_index:
       inputs = np.full_like(inputs, np.nan)

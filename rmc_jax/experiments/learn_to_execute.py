@@ -28,7 +28,8 @@ from rmc_jax.tasks import learn_to_execute_model as model_lib
 from rmc_jax.training import config as config_lib
 from rmc_jax.training import precision
 from rmc_jax.training.config import ConfigError
-from rmc_jax.training.task import Task
+from rmc_jax.training.mesh import process_rows
+from rmc_jax.training.task import ProcessRows, take_rows, Task
 
 NAME = "learn_to_execute"
 VARIANTS = ("paper", "cpu")
@@ -141,8 +142,14 @@ def make_task(config: ml_collections.ConfigDict) -> Task:
 
   eval_set = iterator.eval_batch(config.eval_samples)
   size = config.eval_batch_size
-  held_out = [eval_set.slice(i, i + size)
+  rows = process_rows(size)
+  held_out = [take_rows(eval_set.slice(i, i + size), rows)
               for i in range(0, config.eval_samples, size)]
-  return Task(init=model.init, loss=loss, train_iterator=iterator,
+  # Every process generates the global batch and keeps its rows (a small
+  # fraction of a step, see WORKSPACE_NOTES.md); the curriculum moves on
+  # the averaged loss, the same on every process.
+  return Task(init=model.init, loss=loss,
+              train_iterator=ProcessRows(iterator,
+                                         process_rows(config.batch_size)),
               evaluate=evaluate, eval_splits={"eval": held_out},
               observe=observe)

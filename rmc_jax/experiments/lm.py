@@ -22,6 +22,8 @@ Evaluation walks a whole split with the state carried and reports per-token
 loss (nats) and perplexity over every token of the split; 'eval' is the
 validation split, 'test' is evaluated once at the end of training.
 
+Each process reads only its own lanes (`process_rows`) of every batch.
+
 Batches: dicts of batch-major arrays, inputs_BT and targets_BT int32,
 mask_BT float32 (1 on real targets), reset_B bool (start of a lane).
 """
@@ -44,6 +46,7 @@ from rmc_jax.lm.model import LanguageModel
 from rmc_jax.training import config as config_lib
 from rmc_jax.training import precision
 from rmc_jax.training.config import ConfigError
+from rmc_jax.training.mesh import process_rows
 from rmc_jax.training.task import BatchIterator, Task
 
 NAME = "lm"
@@ -259,7 +262,8 @@ def make_task(config: ml_collections.ConfigDict) -> Task:
   try:
     train = batcher_lib.TBPTTBatcher(
         corpus.splits["train"], config.batch_size, config.unroll_length,
-        random_offsets=config.random_offsets, seed=config.seed)
+        random_offsets=config.random_offsets, seed=config.seed,
+        rows=process_rows(config.batch_size))
   except ValueError as e:
     raise ConfigError(f"the train split is too short for --config.batch_size="
                       f"{config.batch_size} x --config.unroll_length="
@@ -267,7 +271,9 @@ def make_task(config: ml_collections.ConfigDict) -> Task:
   try:
     valid, test = (batcher_lib.EvalBatches(corpus.splits[split],
                                            config.eval_batch_size,
-                                           config.unroll_length)
+                                           config.unroll_length,
+                                           rows=process_rows(
+                                               config.eval_batch_size))
                    for split in ("valid", "test"))
   except ValueError as e:
     raise ConfigError(f"an evaluation split (valid/test) is unusable: {e}") \

@@ -26,7 +26,8 @@ from rmc_jax.tasks import nth_farthest as data
 from rmc_jax.training import config as config_lib
 from rmc_jax.training import precision
 from rmc_jax.training.config import ConfigError
-from rmc_jax.training.task import Task
+from rmc_jax.training.mesh import process_rows
+from rmc_jax.training.task import ProcessRows, take_rows, Task
 
 NAME = "nth_farthest"
 VARIANTS = ("paper", "sonnet", "cpu")
@@ -125,15 +126,18 @@ def make_task(config: ml_collections.ConfigDict) -> Task:
         model.apply(params, None, inputs_BTD), labels_B)
     return dict(metrics, loss=value), carry
 
-  iterator = data.NthFarthestIterator(
+  # Every process generates the global batch and keeps its rows: a small
+  # fraction of a step (see WORKSPACE_NOTES.md).
+  iterator = ProcessRows(data.NthFarthestIterator(
       config.batch_size, spec.num_objects, spec.num_features,
       spec.sonnet_compat, seed=config.seed,
       min_objects=config.min_objects or None,
-      objects_step=config.objects_step)
+      objects_step=config.objects_step), process_rows(config.batch_size))
   splits = {}
   if config.eval_batches:
-    splits["eval"] = data.held_out_batches(
+    rows = process_rows(config.eval_batch_size)
+    splits["eval"] = [take_rows(batch, rows) for batch in data.held_out_batches(
         config.eval_batches, config.eval_batch_size, spec.num_objects,
-        spec.num_features, spec.sonnet_compat, seed=config.seed)
+        spec.num_features, spec.sonnet_compat, seed=config.seed)]
   return Task(init=init, loss=loss, train_iterator=iterator,
               evaluate=evaluate, eval_splits=splits)

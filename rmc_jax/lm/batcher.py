@@ -38,6 +38,12 @@ so the carried state of row b always belongs to the tokens just before.
 
 Tokens may be a read-only memory map: batches gather only the B x T entries
 they need.
+
+Rows. With `rows` (a slice of [0, B), e.g. a process's
+`rmc_jax.training.mesh.process_rows(B)`) a batcher yields only those rows of
+every batch, i.e. reads only those lanes of the stream; the layout, the
+position and the saved state are those of the whole B-lane batcher, so the
+rows of every process put together are the global batches.
 """
 
 from __future__ import annotations
@@ -52,6 +58,15 @@ import numpy as np
 from rmc_jax.checks import check_int
 
 __all__ = ["TBPTTBatcher", "EvalBatches"]
+
+
+def _check_rows(rows: slice | None, batch_size: int) -> range:
+  """The lanes `rows` names (all of them for None); a non-empty step-1 slice."""
+  lanes = range(batch_size) if rows is None else range(batch_size)[rows]
+  if not lanes or lanes.step != 1:
+    raise ValueError(f"rows {rows} must be a non-empty contiguous slice of "
+                     f"the {batch_size} lanes")
+  return lanes
 
 
 def _check_tokens(tokens: Any) -> np.ndarray:
@@ -69,11 +84,13 @@ class TBPTTBatcher(Iterator[dict]):
     batch_size: B, the global batch (number of lanes).
     seq_len: T, pairs per segment.
     lane_len: L = (N - 1) // B pairs per lane.
+    lanes: the lanes (rows) every batch holds, of [0, B).
     epoch, segment: the position of the batch the next `__next__` returns.
   """
 
   def __init__(self, tokens: np.ndarray, batch_size: int, seq_len: int, *,
-               random_offsets: bool = False, seed: int = 0) -> None:
+               random_offsets: bool = False, seed: int = 0,
+               rows: slice | None = None) -> None:
     """Raises ValueError unless every lane holds at least one full segment (L >= T)."""
     self.tokens = _check_tokens(tokens)
     self.batch_size = check_int("batch_size", batch_size, 1)
@@ -85,7 +102,8 @@ class TBPTTBatcher(Iterator[dict]):
       raise ValueError(
           f"a stream of {self.tokens.shape[0]} tokens gives lanes of {self.lane_len} "
           f"pairs at batch_size {self.batch_size}, shorter than seq_len {self.seq_len}")
-    self._lane_starts_B1 = (np.arange(self.batch_size, dtype=np.int64)
+    self.lanes = _check_rows(rows, self.batch_size)
+    self._lane_starts_B1 = (np.asarray(self.lanes, dtype=np.int64)
                             * self.lane_len)[:, None]
     self._steps_1T = np.arange(self.seq_len, dtype=np.int64)[None, :]
     self.epoch = 0
@@ -112,8 +130,8 @@ class TBPTTBatcher(Iterator[dict]):
     return {
         "inputs": self.tokens[pairs_BT].astype(np.int32),
         "targets": self.tokens[pairs_BT + 1].astype(np.int32),
-        "mask": np.ones((self.batch_size, self.seq_len), np.float32),
-        "reset": np.full((self.batch_size,), segment == 0),
+        "mask": np.ones((len(self.lanes), self.seq_len), np.float32),
+        "reset": np.full((len(self.lanes),), segment == 0),
     }
 
   @property
@@ -173,10 +191,12 @@ class EvalBatches:
   Attributes:
     batch_size: B. seq_len: T.
     lane_len: L' = ceil((N - 1) / B).
-    num_targets: N - 1, the sum of all masks.
+    num_targets: N - 1, the sum of all masks (of all B lanes).
+    lanes: the lanes (rows) every batch holds, of [0, B).
   """
 
-  def __init__(self, tokens: np.ndarray, batch_size: int, seq_len: int) -> None:
+  def __init__(self, tokens: np.ndarray, batch_size: int, seq_len: int, *,
+               rows: slice | None = None) -> None:
     """Raises ValueError for a stream of fewer than 2 tokens."""
     self.tokens = _check_tokens(tokens)
     self.batch_size = check_int("batch_size", batch_size, 1)
@@ -186,6 +206,7 @@ class EvalBatches:
       raise ValueError(f"an evaluation stream needs at least 2 tokens, got "
                        f"{self.tokens.shape[0]}")
     self.lane_len = math.ceil(self.num_targets / self.batch_size)
+    self.lanes = _check_rows(rows, self.batch_size)
     self._num_batches = math.ceil(self.lane_len / self.seq_len)
 
   def __len__(self) -> int:
@@ -198,7 +219,7 @@ class EvalBatches:
     if not 0 <= index < self._num_batches:
       raise IndexError(f"batch {index} out of range [0, {self._num_batches})")
     steps_1T = index * self.seq_len + np.arange(self.seq_len, dtype=np.int64)[None, :]
-    lane_starts_B1 = (np.arange(self.batch_size, dtype=np.int64) * self.lane_len)[:, None]
+    lane_starts_B1 = (np.asarray(self.lanes, dtype=np.int64) * self.lane_len)[:, None]
     pairs_BT = lane_starts_B1 + steps_1T
     valid_BT = (steps_1T < self.lane_len) & (pairs_BT < self.num_targets)
     safe_BT = np.where(valid_BT, pairs_BT, 0)
@@ -206,7 +227,7 @@ class EvalBatches:
         "inputs": np.where(valid_BT, self.tokens[safe_BT], 0).astype(np.int32),
         "targets": np.where(valid_BT, self.tokens[safe_BT + 1], 0).astype(np.int32),
         "mask": valid_BT.astype(np.float32),
-        "reset": np.full((self.batch_size,), index == 0),
+        "reset": np.full((len(self.lanes),), index == 0),
     }
 
   def __iter__(self) -> Iterator[dict[str, np.ndarray]]:

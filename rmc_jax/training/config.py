@@ -47,6 +47,9 @@ def base_config(experiment: str) -> ml_collections.ConfigDict:
   c.eval_every = 1000
   c.checkpoint_every = 1000
   c.keep_checkpoints = 3
+  # Split every large parameter and its Adam moments over the devices
+  # instead of replicating them (see steps.state_shardings).
+  c.shard_params = False
   c.rmc = ml_collections.ConfigDict(dict(
       mem_slots=4, head_size=32, num_heads=4, num_blocks=1,
       gate_style="unit", attention_mlp_layers=2, key_size=None,

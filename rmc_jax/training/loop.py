@@ -11,7 +11,14 @@ Guarantees:
     carry split on their leading axis);
   * a run on a workdir with checkpoints resumes from the latest one, with the
     iterator where it was, so k steps + k resumed steps == 2k steps;
-  * SIGTERM/SIGINT save a checkpoint and return cleanly;
+  * SIGTERM/SIGINT save a checkpoint and return cleanly (several processes
+    agree on the step to stop at: the next log or checkpoint step after
+    the signal reached any of them);
+  * several processes (`jax.distributed`): each feeds its own rows of the
+    batch, all take part in every checkpoint (one per step), and only
+    process 0 writes metrics, TensorBoard, config.json and summary.json;
+    a run resumes on any number of processes and devices that divides the
+    batch (the batches do not depend on them);
   * a non-finite loss stops the run (NonFiniteLossError names the step) and
     no checkpoint holds parameters computed after it;
   * the final evaluations (every split of `task.eval_splits`) use the
@@ -30,6 +37,7 @@ from typing import Any
 
 from absl import logging
 import jax
+from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 
@@ -148,6 +156,13 @@ def train(task: Task, config: ml_collections.ConfigDict, workdir: str,
       # Read the flag once: a signal during this step's sync or eval is
       # handled (with a save) at the next step rather than skipping the save.
       interrupted = stop.requested
+      if jax.process_count() > 1:
+        # All processes must stop (and save) at the same step, or they wait
+        # for each other in the save: they agree on the flag at the steps
+        # that sync anyway (log and checkpoint steps).
+        interrupted = (step % config.log_every == 0
+                       or step % config.checkpoint_every == 0) and \
+            _any_process(interrupted)
       stopping = interrupted or step == config.num_steps
       if step % config.log_every == 0 or stopping or \
           step % config.checkpoint_every == 0:
@@ -170,7 +185,9 @@ def train(task: Task, config: ml_collections.ConfigDict, workdir: str,
       if interrupted:
         status = "interrupted"
         logging.warning("Stopped by %s at step %d; checkpoint saved. Run the "
-                        "same command to resume.", stop.signal_name, step)
+                        "same command to resume.",
+                        stop.signal_name or "a signal to another process",
+                        step)
         break
   except NonFiniteLossError as e:
     status = "non_finite_loss"
@@ -185,7 +202,7 @@ def train(task: Task, config: ml_collections.ConfigDict, workdir: str,
     summary = dict(
         status=status, step=step, num_steps=config.num_steps,
         num_params=num_params, core=config.core,
-        num_devices=mesh.num_devices, wall_seconds=elapsed,
+        num_devices=mesh.num_devices, num_processes=jax.process_count(), wall_seconds=elapsed,
         compile_seconds=compile_seconds,
         steps_per_sec=(step - start_step) / elapsed if elapsed > 0 else None,
         train=last_train, eval=last_eval)
@@ -247,6 +264,11 @@ def evaluate_run(task: Task, config: ml_collections.ConfigDict, workdir: str,
         abstract_train_state(task, config, mesh))
   return evaluate_and_record(task, restored.state.params, restored.step,
                              workdir, dict(task.eval_splits), mesh)
+
+
+def _any_process(flag: bool) -> bool:
+  """True on every process if `flag` is True on any (a collective)."""
+  return bool(multihost_utils.process_allgather(np.int32(flag)).any())
 
 
 def _flush(window: _Window, step: int,

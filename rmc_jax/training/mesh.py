@@ -1,8 +1,11 @@
-"""One 1-D 'data' device mesh: parameters replicated, batches split across devices.
+"""One 1-D 'data' device mesh: batches split across devices.
 
-Works unchanged on one CPU, several local accelerators and several hosts (after
-`jax.distributed.initialize()`): every process passes its own slice of the
-global batch and `shard_batch` assembles the global array.
+Works unchanged on one CPU, several local accelerators and several hosts
+(after `jax.distributed.initialize()`). Each process feeds only the rows of
+every global batch that its own devices hold: `process_rows(B)` names them
+(a contiguous block, the same for every mesh over all devices), the data
+iterators produce only those rows, and `DataMesh.shard_batch` assembles the
+global array from every process's rows.
 """
 
 from __future__ import annotations
@@ -17,11 +20,36 @@ from jax.sharding import PartitionSpec as P
 DATA_AXIS = "data"
 
 
+def process_rows(global_batch_size: int) -> slice:
+  """The rows [p B / P, (p + 1) B / P) of a global batch that process p feeds.
+
+  P = jax.process_count(); one process feeds every row. Raises ValueError
+  unless P divides `global_batch_size`.
+  """
+  count = jax.process_count()
+  if global_batch_size < 1 or global_batch_size % count:
+    raise ValueError(f"a global batch of {global_batch_size} does not split "
+                     f"over {count} processes.")
+  per_process = global_batch_size // count
+  start = jax.process_index() * per_process
+  return slice(start, start + per_process)
+
+
 class DataMesh:
   """The device mesh and the two shardings every launcher needs."""
 
   def __init__(self, devices: list[jax.Device] | None = None):
+    """Raises ValueError unless `devices` (default: all) are grouped by
+    process in process order, the same number per process (so that a
+    process's devices hold its `process_rows`)."""
     devices = jax.devices() if devices is None else devices
+    owners = [d.process_index for d in devices]
+    per_process = len(devices) // jax.process_count()
+    if owners != [i // per_process for i in range(len(devices))] or \
+        per_process * jax.process_count() != len(devices):
+      raise ValueError("DataMesh needs the same number of devices from every "
+                       "process, grouped by process in process order; got "
+                       f"devices of processes {owners}.")
     # Auto axis type: with the Explicit default, hk.Embed's gather fails
     # sharding-type checks under jit.
     self.mesh = jax.make_mesh((len(devices),), (DATA_AXIS,),
@@ -42,24 +70,19 @@ class DataMesh:
           f"{flag}={global_batch_size} must be a positive multiple of the "
           f"number of devices ({self.num_devices}).")
 
-  def process_slice(self, global_batch_size: int) -> slice:
-    """The rows of a global batch that this process feeds."""
-    per_process = global_batch_size // jax.process_count()
-    start = jax.process_index() * per_process
-    return slice(start, start + per_process)
-
   def shard_batch(self, batch: Any) -> Any:
-    """Places a host batch (a pytree of arrays with a leading global-batch axis).
+    """The global batch of every process's rows (`process_rows`).
 
-    Every process holds the same global batch (iterators are seeded
-    identically); each contributes only its own rows.
+    `batch`: a pytree of host arrays whose leading axis holds this process's
+    rows, B / P of them; returns global jax.Arrays with leading axis B,
+    split over the devices. Every process must call it, in the same order.
     """
 
     def put(x):
       x = np.asarray(x)
-      local = x[self.process_slice(x.shape[0])]
-      return jax.make_array_from_process_local_data(self.batch_sharding, local,
-                                                    x.shape)
+      global_shape = (x.shape[0] * jax.process_count(),) + x.shape[1:]
+      return jax.make_array_from_process_local_data(self.batch_sharding, x,
+                                                    global_shape)
 
     return jax.tree.map(put, batch)
 

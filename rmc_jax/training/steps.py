@@ -15,14 +15,19 @@ from __future__ import annotations
 
 from typing import Any, Iterable, NamedTuple
 
+import itertools
+import math
+
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 import ml_collections
 import numpy as np
 import optax
 
 from rmc_jax.training import config as config_lib
-from rmc_jax.training.mesh import DataMesh
+from rmc_jax.training.mesh import DATA_AXIS, DataMesh
 from rmc_jax.training.task import Batch, Carry, Params, Task
 
 
@@ -51,11 +56,72 @@ def _fresh_state(task: Task, config: ml_collections.ConfigDict,
                     carry=carry)
 
 
-def state_shardings(state: TrainState, mesh: DataMesh) -> TrainState:
-  """Parameters and optimizer state replicated, the carry split by batch."""
-  rep = lambda tree: jax.tree.map(lambda _: mesh.replicated, tree)
-  return TrainState(step=mesh.replicated, params=rep(state.params),
-                    opt_state=rep(state.opt_state), rng=mesh.replicated,
+# With `shard_params`, arrays of at least this many elements are split over
+# the devices; smaller ones (biases, layer norms, Adam's step count) stay
+# replicated: splitting them saves little memory and costs a collective each.
+SHARD_MIN_ELEMENTS = 2**16
+
+
+def _tiles(mesh: DataMesh, n0: int, n1: int) -> jax.sharding.Mesh:
+  """The devices of `mesh`, in the same order, as an n0 x n1 grid."""
+  return jax.sharding.Mesh(
+      np.asarray(mesh.mesh.devices).reshape(n0, n1),
+      (f"{DATA_AXIS}_0", f"{DATA_AXIS}_1"),
+      axis_types=(jax.sharding.AxisType.Auto,) * 2)
+
+
+def _split_sharding(leaf: Any, mesh: DataMesh) -> NamedSharding:
+  """Where `leaf` lives when split over the n devices of `mesh`.
+
+  The first that fits: along its largest axis that n divides; along two
+  axes whose sizes divide by n0 and n1 = n / n0 (a 2-D view of the same
+  devices: e.g. a 2500 x 7500 matrix on 8 devices, as 2 x 4 tiles); along
+  one axis over the largest proper factor f of n that divides it (each
+  device holds 1/f; e.g. 2500 x 20003 on 8 devices, in quarters); else
+  replicated, as are arrays under SHARD_MIN_ELEMENTS.
+  """
+  shape = tuple(leaf.shape)
+  n = mesh.num_devices
+  if n == 1 or math.prod(shape) < SHARD_MIN_ELEMENTS:
+    return mesh.replicated
+  spec = [None] * len(shape)
+  axes = [a for a, size in enumerate(shape) if size % n == 0]
+  if axes:
+    spec[max(axes, key=lambda a: shape[a])] = DATA_AXIS
+    return NamedSharding(mesh.mesh, P(*spec))
+  factors = [f for f in range(n - 1, 1, -1) if n % f == 0]  # Largest first.
+  for n0 in factors:
+    for i, j in itertools.permutations(range(len(shape)), 2):
+      if shape[i] % n0 == 0 and shape[j] % (n // n0) == 0:
+        spec[i], spec[j] = f"{DATA_AXIS}_0", f"{DATA_AXIS}_1"
+        return NamedSharding(_tiles(mesh, n0, n // n0), P(*spec))
+  for f in factors:
+    axes = [a for a, size in enumerate(shape) if size % f == 0]
+    if axes:
+      spec[max(axes, key=lambda a: shape[a])] = f"{DATA_AXIS}_1"
+      return NamedSharding(_tiles(mesh, n // f, f), P(*spec))
+  return mesh.replicated
+
+
+def state_shardings(state: TrainState, mesh: DataMesh,
+                    shard_params: bool = False) -> TrainState:
+  """Where every leaf of a (concrete or abstract) state lives.
+
+  The carry is split by batch. Parameters and optimizer state are
+  replicated or, with `shard_params` (`config.shard_params`), every array
+  of at least SHARD_MIN_ELEMENTS elements is split over the devices (along
+  one axis, or two when no single axis divides, or over a factor of the
+  device count; see `_split_sharding`; the Adam moments like their
+  parameter), so each device holds about 1/n of them; XLA
+  gathers a parameter where it is used and reduce-scatters its gradient.
+  Used for the fresh state, restore targets and the train step alike.
+  """
+  if shard_params:
+    place = lambda tree: jax.tree.map(lambda x: _split_sharding(x, mesh), tree)
+  else:
+    place = lambda tree: jax.tree.map(lambda _: mesh.replicated, tree)
+  return TrainState(step=mesh.replicated, params=place(state.params),
+                    opt_state=place(state.opt_state), rng=mesh.replicated,
                     carry=jax.tree.map(lambda _: mesh.batch_sharding,
                                        state.carry))
 
@@ -71,7 +137,7 @@ def abstract_train_state(task: Task, config: ml_collections.ConfigDict,
   return jax.tree.map(
       lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype,
                                                sharding=sharding),
-      shapes, state_shardings(shapes, mesh))
+      shapes, state_shardings(shapes, mesh, config.shard_params))
 
 
 def init_train_state(task: Task, config: ml_collections.ConfigDict,
@@ -79,7 +145,7 @@ def init_train_state(task: Task, config: ml_collections.ConfigDict,
   """The state at step 0 (parameters from `config.seed`), placed on `mesh`."""
   example = task.example_batch()
   abstract = jax.eval_shape(lambda: _fresh_state(task, config, example))
-  shardings = state_shardings(abstract, mesh)
+  shardings = state_shardings(abstract, mesh, config.shard_params)
   return jax.jit(lambda: _fresh_state(task, config, example),
                  out_shardings=shardings)()
 
@@ -99,7 +165,7 @@ def make_train_step(task: Task, config: ml_collections.ConfigDict,
   micro-batch. Metrics: the task's, plus loss, grad_norm and learning_rate.
   """
   optimizer, schedule = config_lib.make_optimizer(config)
-  shardings = state_shardings(state, mesh)
+  shardings = state_shardings(state, mesh, config.shard_params)
   mesh.check_batch_size(config.batch_size // config.grad_accum_steps,
                         "--config.batch_size / --config.grad_accum_steps")
   grad_fn = _accumulated(jax.value_and_grad(task.loss, has_aux=True),
@@ -160,7 +226,8 @@ def _accumulated(grad_fn, k: int):
 class Evaluator:
   """Runs `task.evaluate` over a split's batches in order, carry threaded.
 
-  Batches are read one at a time; only per-batch scalar metrics are kept.
+  Batches (this process's rows, see `Task`) are read one at a time; only
+  per-batch scalar metrics are kept.
   Compiled once per batch shape.
   """
 
@@ -180,17 +247,20 @@ class Evaluator:
     carry, results = None, []
     for batch in batches:
       if carry is None:
-        batch_size = int(jax.tree.leaves(batch)[0].shape[0])
+        batch_size = (int(jax.tree.leaves(batch)[0].shape[0])
+                      * jax.process_count())
         mesh.check_batch_size(batch_size, "eval batch size")
-        carry = self._init_carry(batch_size)
-        carry_sharding = jax.tree.map(lambda _: mesh.batch_sharding, carry)
+        carry_sharding = jax.tree.map(
+            lambda _: mesh.batch_sharding,
+            jax.eval_shape(lambda: self._init_carry(batch_size)))
+        carry = jax.jit(lambda: self._init_carry(batch_size),
+                        out_shardings=carry_sharding)()
         if self._fn is None:
           self._fn = jax.jit(
               self._task.evaluate,
-              in_shardings=(mesh.replicated, carry_sharding,
-                            mesh.batch_sharding),
+              # Parameters stay where they are (replicated or split).
+              in_shardings=(None, carry_sharding, mesh.batch_sharding),
               out_shardings=(mesh.replicated, carry_sharding))
-        carry = jax.device_put(carry, carry_sharding)
       metrics, carry = self._fn(params, carry, mesh.shard_batch(batch))
       results.append(metrics)
     if not results:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import haiku as hk
 import jax
 import jax.numpy as jnp
+import jmp
 import numpy as np
 import pytest
 
@@ -324,12 +325,17 @@ def test_bad_arguments_raise(kwargs, word):
     hk.testing.transform_and_run(lambda: FullSoftmax(0))()
 
 
-def test_bfloat16_compute_close():
+def test_bfloat16_policy_close():
+  """Under a bf16 compute policy the matmuls run in bf16; log-probabilities,
+  NLLs and the loss stay float32 and close to float32's."""
   setting = SETTINGS[2]
   fn, params, hidden, targets = _setup(setting)
-  fn16 = _transform(*setting, compute_dtype=jnp.bfloat16)
   lp, nll, _ = fn.apply(params, hidden, targets, None)
-  lp16, nll16, (loss16, _) = fn16.apply(params, hidden, targets, None)
+  policy = jmp.get_policy("params=float32,compute=bfloat16,output=float32")
+  with hk.mixed_precision.push_policy(AdaptiveSoftmax, policy):
+    fn16 = _transform(*setting)  # Traced inside the policy.
+    lp16, nll16, (loss16, _) = fn16.apply(params, hidden, targets, None)
+  assert not np.array_equal(np.asarray(nll16), np.asarray(nll))
   assert lp16.dtype == nll16.dtype == loss16.dtype == jnp.float32
   np.testing.assert_allclose(jax.nn.logsumexp(lp16, axis=-1), 0.0, atol=1e-4)
   np.testing.assert_allclose(nll16, nll, rtol=0.05, atol=0.1)

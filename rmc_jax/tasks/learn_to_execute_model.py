@@ -1,11 +1,12 @@
 """Encoder-decoder model and loss for Learning to Execute.
 
-The encoder runs a core over the one-hot program characters, freezing its
-state after each program's last character (Sonnet's `dynamic_rnn` with
-sequence lengths). The decoder is the same core, started from that state, run
-for T_out steps on zero inputs (non-autoregressive, the paper's best) or on
-the shifted targets (teacher forcing). Every decoder output goes through an
-MLP of 4 x 256 with ReLU after every layer, then a Linear to the logits.
+The encoder runs a core over the one-hot program characters with its `unroll`,
+masked per sample so that each state stops after its program's last character
+(Sonnet's `dynamic_rnn` with sequence lengths). The decoder is the same core,
+started from that state, run for T_out steps on zero inputs (non-autoregressive,
+the paper's best) or on the shifted targets (teacher forcing). Every decoder
+output goes through an MLP with ReLU after every layer (the paper's 4 x 256),
+then a Linear to the logits.
 
 Loss: softmax cross-entropy averaged over the real (unpadded) target
 characters. Metrics: per-character accuracy over real characters and
@@ -21,23 +22,28 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rmc_jax.cores import make_core, select_state
+from rmc_jax.cores import make_core
 from rmc_jax.tasks import learn_to_execute as lte
 
 
-def masked_unroll(core: hk.RNNCore, inputs_TBD: jax.Array, mask_TB: jax.Array,
-                  state: Any) -> Any:
-  """Runs `core` over time, keeping the state unchanged where mask is 0.
+def encode(core: hk.RNNCore, tokens_in_BT: jax.Array,
+           lengths_in_B: jax.Array) -> Any:
+  """The core's state after each program's last character.
 
-  Returns the state after each sequence's last unmasked step.
+  Args:
+    core: the core, run over the one-hot characters [T_in, B, V] by its
+      `unroll` from `initial_state(B)`.
+    tokens_in_BT: int [B, T_in] program characters, padded after each length.
+    lengths_in_B: int [B] program lengths in [1, T_in].
+
+  Returns:
+    The core's state (leaves [B, ...]): the steps at t >= lengths_in_B[b]
+    are masked out, so row b stops at its own last character.
   """
-
-  def step(state, xs):
-    x_BD, m_B = xs
-    _, new_state = core(x_BD, state)
-    return select_state(m_B > 0, new_state, state), None
-
-  state, _ = hk.scan(step, state, (inputs_TBD, mask_TB))
+  b, t_in = tokens_in_BT.shape
+  inputs_TBV = jax.nn.one_hot(tokens_in_BT.T, lte.VOCAB_SIZE)
+  mask_TB = lte.length_mask(lengths_in_B, t_in, bool).T
+  _, state = core.unroll(inputs_TBV, core.initial_state(b), mask_TB=mask_TB)
   return state
 
 
@@ -48,13 +54,9 @@ def forward(batch: lte.LTEBatch, core_name: str,
 
   The core reads the batch time-major: one transpose each way.
   """
-  tokens_in_BT = batch.tokens_in
-  b, t_in = tokens_in_BT.shape
-  t_out = batch.tokens_out.shape[1]
+  b, t_out = batch.tokens_out.shape
   core = make_core(core_name, **core_kwargs)
-  inputs_TBV = jax.nn.one_hot(tokens_in_BT.T, lte.VOCAB_SIZE)
-  mask_in_TB = lte.length_mask(batch.lengths_in, t_in, jnp.float32).T
-  state = masked_unroll(core, inputs_TBV, mask_in_TB, core.initial_state(b))
+  state = encode(core, batch.tokens_in, batch.lengths_in)
   if teacher_forcing:
     dec_TBV = jax.nn.one_hot(batch.decoder_inputs.T, lte.VOCAB_SIZE)
   else:

@@ -19,7 +19,7 @@ $(STAMP): requirements.txt setup.py
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 tests
+	$(PY) -m pytest -q -n 2 --dist=loadscope tests
 
 NTH := $(PY) -m launch.train --config=nth_farthest:cpu
 

@@ -62,9 +62,7 @@ def _train(config):
   return np.array(losses), state
 
 
-@pytest.mark.parametrize("spec,core", [("lm:synthetic", "rmc"),
-                                       ("nth_farthest:cpu", "lstm"),
-                                       ("rl:cpu", "lstm")])
+@pytest.mark.parametrize("spec,core", [("lm:synthetic", "rmc")])
 def test_bfloat16_trains_like_float32(tmp_path, spec, core):
   f32_losses, f32_state = _train(_config(spec, core, tmp_path))
   bf16_losses, bf16_state = _train(_config(spec, core, tmp_path,
@@ -86,3 +84,25 @@ def test_bad_precision_is_a_config_error():
   with pytest.raises(ConfigError, match=r"--config\.precision='float16'"):
     experiments.make_task(config)
   assert set(precision.PRECISIONS) == {"float32", "bfloat16"}
+
+
+def test_the_rl_network_follows_the_policy():
+  """The actor-critic (torso convolutions, core, heads) under bfloat16:
+  float32 outputs and parameters, close to float32 and not equal to it."""
+  from rmc_jax.rl.agent import make_actor_critic  # pylint: disable=g-import-not-at-top
+  obs_TBHWC = np.random.default_rng(0).uniform(size=(3, 2, 5, 5, 3))
+  obs_TBHWC = obs_TBHWC.astype(np.float32)
+  out = {}
+  for name in ("float32", "bfloat16"):
+    net = make_actor_critic((5, 5, 3), 4, precision=name, core_name="lstm",
+                            core_kwargs=dict(hidden_sizes=(8,)),
+                            conv_channels=(4,), head_hidden=(8,))
+    params = net.init(jax.random.PRNGKey(0))
+    (logits, values), _ = jax.jit(net.unroll)(
+        params, obs_TBHWC, net.initial_state({}, 2))
+    assert logits.dtype == values.dtype == jnp.float32
+    for leaf in jax.tree.leaves(params):
+      assert leaf.dtype == jnp.float32
+    out[name] = np.asarray(logits)
+  np.testing.assert_allclose(out["bfloat16"], out["float32"], atol=3e-2)
+  assert not np.array_equal(out["bfloat16"], out["float32"])

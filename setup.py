@@ -17,7 +17,7 @@ setuptools.setup(
         "jax>=0.10.2",
         "dm-haiku>=0.0.17",
         "optax>=0.2.8",
-        "chex>=0.1.92",
+        "jmp>=0.0.4",
         "absl-py>=2.5.1",
         "orbax-checkpoint>=0.12.8",
         "ml-collections>=1.1.0",
@@ -26,7 +26,7 @@ setuptools.setup(
         "tensorboardX>=2.6",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3"],
+        "test": ["pytest>=8", "pytest-xdist>=3", "chex>=0.1.92"],
         # Figures of launch.plot --out and launch.report.
         "plot": ["matplotlib>=3.9"],
         # Only for --config.dataset=tfds:NAME (not pinned; about 1.6 GB).

@@ -115,12 +115,17 @@ def median_seconds(fn: Callable[[], object], repeats: int) -> float:
 
 
 def measure_matmul_peak(size: int = 2048, repeats: int = 10) -> float:
-  """Float32 FLOP/s of a jitted square matmul on the default device."""
+  """Float32 FLOP/s of jitted square matmuls, one on each device at once."""
+  devices = jax.devices()
+  mesh = jax.sharding.Mesh(np.array(devices), ("d",))
+  split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("d"))
   key_a, key_b = jax.random.split(jax.random.PRNGKey(0))
-  a = jax.random.normal(key_a, (size, size), jnp.float32)
-  b = jax.random.normal(key_b, (size, size), jnp.float32)
-  matmul = jax.jit(jnp.dot)
-  return 2 * size**3 / median_seconds(lambda: matmul(a, b), repeats)
+  shape = (len(devices), size, size)
+  a = jax.device_put(jax.random.normal(key_a, shape, jnp.float32), split)
+  b = jax.device_put(jax.random.normal(key_b, shape, jnp.float32), split)
+  matmul = jax.jit(jnp.matmul, out_shardings=split)
+  return 2 * len(devices) * size**3 / median_seconds(lambda: matmul(a, b),
+                                                    repeats)
 
 
 def count_rmc_params(c: BenchConfig) -> int:

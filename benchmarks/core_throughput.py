@@ -8,6 +8,12 @@ FLOPs per token with the float32 matmul rate measured in the same run.
   python -m benchmarks.core_throughput            # all configs, RMC, LSTM, DNC
   python -m benchmarks.core_throughput --configs=C1,C3 --cores=rmc --remat
   python -m benchmarks.core_throughput --cores=rmc --batch_size=64 --compile_only
+  python -m benchmarks.core_throughput --cpu_plan=threads   # one threaded device
+
+On a CPU the configs run under `--cpu_plan` (rmc_jax/training/cpu_plan.py;
+default "auto", chosen per config as the launchers choose it, so each config
+runs in a process of its own); with several devices the batch is split over
+them and the gradient averaged, as in data-parallel training.
 
 Each row also gives XLA's temporary memory of the compiled step ("temp MiB":
 activations kept for the backward pass and workspace).
@@ -21,13 +27,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import platform
+import subprocess
+import sys
 
 from absl import app
 from absl import flags
 import haiku as hk
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+import numpy as np
 
 from benchmarks.core_configs import BenchConfig
 from benchmarks.core_configs import check_config_names
@@ -41,6 +52,7 @@ from benchmarks.core_configs import measure_matmul_peak
 from benchmarks.core_configs import median_seconds
 from benchmarks.core_configs import rmc_forward_flops_per_token
 from rmc_jax import make_core
+from rmc_jax.training import cpu_plan
 
 _CONFIGS = flags.DEFINE_list("configs", ["C1", "C2", "C3", "C4"],
                              "Named configs to run.")
@@ -55,6 +67,10 @@ _BATCH = flags.DEFINE_integer(
 _COMPILE_ONLY = flags.DEFINE_bool(
     "compile_only", False, "Only compile and report XLA's temporary memory of "
     "the step (no timing).")
+_CPU_PLAN = flags.DEFINE_enum(
+    "cpu_plan", "auto", cpu_plan.PLANS,
+    "CPU devices and threads (rmc_jax/training/cpu_plan.py); ignored on "
+    "accelerators.")
 _DYNAMIC_UNROLL = flags.DEFINE_bool(
     "dynamic_unroll", False,
     "Time hk.dynamic_unroll(core, ...) instead of core.unroll (to measure what "
@@ -87,7 +103,13 @@ def time_core(core_name: str, core_kwargs: dict, c: BenchConfig,
                              (c.steps, c.batch, c.input_size))
   params = jax.eval_shape(model.init, jax.random.PRNGKey(2), inputs)
   num_params = sum(x.size for x in jax.tree.leaves(params))
-  grad_fn = jax.jit(jax.grad(model.apply))
+  mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+  batch_split = jax.sharding.NamedSharding(mesh, P(None, "data"))
+  replicated = jax.sharding.NamedSharding(mesh, P())
+  inputs = jax.device_put(inputs, batch_split)
+  grad_fn = jax.jit(jax.grad(model.apply), in_shardings=(replicated,
+                                                         batch_split),
+                    out_shardings=replicated)
   compiled = grad_fn.lower(params, inputs).compile()
   temp_bytes = compiled.memory_analysis().temp_size_in_bytes
   if _COMPILE_ONLY.value:
@@ -104,9 +126,42 @@ def main(argv):
   if bad_cores:
     raise app.UsageError(f"--cores: unknown {bad_cores}; expected some of "
                          "rmc, lstm, dnc.")
+  if _CPU_PLAN.value == "auto" and cpu_plan.not_cpu_reason() is None:
+    _run_each_config_under_its_plan()
+    return
+  applied = cpu_plan.apply(cpu_plan.choose(_CPU_PLAN.value, (), 0))
+  _run_configs(applied)
+
+
+def _run_each_config_under_its_plan() -> None:
+  """--cpu_plan=auto on a CPU: each config in a process with its plan."""
+  results = []
+  for name in _CONFIGS.value:
+    c = CONFIGS[name]
+    batch = _BATCH.value or c.batch
+    plan = cpu_plan.choose("auto", (batch,), c.mem_size)
+    print(f"{name}: cpu plan {plan.name} ({plan.reason})", flush=True)
+    argv = [a for a in sys.argv[1:]
+            if not a.startswith(("--configs", "--cpu_plan", "--json"))]
+    json_path = f"{_JSON.value}.{name}" if _JSON.value else None
+    subprocess.run(
+        [sys.executable, "-m", "benchmarks.core_throughput",
+         f"--configs={name}", f"--cpu_plan={plan.name}"] + argv
+        + ([f"--json={json_path}"] if json_path else []), check=True)
+    if json_path:
+      with open(json_path) as f:
+        results.extend(json.load(f))
+      os.remove(json_path)
+  if _JSON.value:
+    with open(_JSON.value, "w") as f:
+      json.dump(results, f, indent=1)
+
+
+def _run_configs(plan: cpu_plan.CpuPlan) -> None:
   peak = measure_matmul_peak()
   print(f"device: {jax.devices()[0].device_kind} ({platform.processor() or platform.machine()}), "
-        f"jax {jax.__version__}")
+        f"jax {jax.__version__}, {len(jax.devices())} device(s), cpu plan "
+        f"{plan.name}")
   print(f"measured float32 matmul peak: {peak / 1e9:.1f} GFLOP/s; timing "
         f"{'hk.dynamic_unroll' if _DYNAMIC_UNROLL.value else 'core.unroll'}\n")
   header = (f"{'config':6} {'core':5} {'params':>11} {'tokens/s':>10} "
@@ -145,7 +200,8 @@ def main(argv):
                  achieved_flops=achieved, peak_flops=peak,
                  fraction_of_peak=achieved / peak, core_kwargs=kwargs,
                  seconds_per_step=seconds, batch=c.batch,
-                 temp_bytes=temp_bytes)
+                 temp_bytes=temp_bytes, cpu_plan=plan.name,
+                 num_devices=len(jax.devices()))
       results.append(row)
       timing = ("-".rjust(10) + f" {flops_per_token / 1e9:>11.4f} "
                 + "-".rjust(8) + " " + "-".rjust(7)

@@ -36,6 +36,8 @@ from ml_collections import config_flags
 
 from rmc_jax import experiments
 from rmc_jax.training import checkpoint
+from rmc_jax.training import config as config_lib
+from rmc_jax.training import cpu_plan
 
 _CONFIG_PREFIX = "--config="
 
@@ -116,6 +118,25 @@ def initialize_distributed() -> None:
   except (RuntimeError, ValueError) as e:
     fail("cannot join the multi-process run: "
          + " ".join(str(e).split())[:300])
+
+
+def apply_cpu_plan(config) -> cpu_plan.CpuPlan:
+  """Chooses and applies `config.cpu_plan` (first thing in `main`, before
+  any computation) and records the choice in `config.cpu_plan`."""
+  if config.get("cpu_plan", "auto") not in cpu_plan.PLANS:
+    fail(f"--config.cpu_plan={config.get('cpu_plan')!r}: expected one of "
+         f"{list(cpu_plan.PLANS)}.")
+  module = experiments.get(config.experiment)
+  width = max(cpu_plan.core_width(config.core,
+                                  config_lib.core_kwargs(config)),
+              getattr(module, "matmul_width", lambda c: 0)(config))
+  batches = [config.batch_size // max(config.grad_accum_steps, 1)]
+  if "eval_batch_size" in config:
+    batches.append(config.eval_batch_size)
+  plan = cpu_plan.apply(cpu_plan.choose(config.cpu_plan, tuple(batches),
+                                        width))
+  config.cpu_plan = plan.name
+  return plan
 
 
 def define_config_flag(default: str | None = None):

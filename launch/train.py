@@ -57,8 +57,10 @@ def main(argv):
   if config is None:
     common.fail("--config is required: NAME:VARIANT with NAME one of "
                 f"{experiments.names()}, or FILE.py[:VARIANT].")
+  plan = common.apply_cpu_plan(config)
   common.initialize_distributed()
   logging.set_verbosity(logging.INFO)
+  logging.info("CPU plan: %s (%s).", plan.name, plan.reason)
   # Orbax narrates every save at INFO; keep its warnings, drop the rest.
   logging.get_absl_handler().addFilter(
       lambda r: r.levelno >= py_logging.WARNING or "/orbax/" not in r.pathname)

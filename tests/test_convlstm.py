@@ -79,7 +79,7 @@ def test_steps_match_reference_and_unroll(kernel_size, channels):
       cell=jnp.asarray(rng.normal(size=(B, H, W, c)), jnp.float32))
                 for c in channels)
   t = _fn(kernel_size, channels)
-  params = t.init(jax.random.PRNGKey(1), xs, state)
+  params = jax.jit(t.init)(jax.random.PRNGKey(1), xs, state)
   k = kernel_size
   assert params["conv_lstm/~/layer_0"]["w_x"].shape == (k, k, C_IN,
                                                         4 * channels[0])
@@ -173,8 +173,9 @@ def test_unroll_resets_and_masks_equal_the_step_loop():
 
   f_fast = hk.without_apply_rng(hk.transform(fast))
   f_loop = hk.without_apply_rng(hk.transform(loop))
-  params = f_fast.init(jax.random.PRNGKey(0), xs)
-  got, expected = f_fast.apply(params, xs), f_loop.apply(params, xs)
+  params = jax.jit(f_fast.init)(jax.random.PRNGKey(0), xs)
+  got = jax.jit(f_fast.apply)(params, xs)
+  expected = jax.jit(f_loop.apply)(params, xs)
   for a, e in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
     np.testing.assert_allclose(a, e, rtol=1e-5, atol=1e-6)
   assert np.all(np.asarray(got[0])[1, 0] == 0)  # Masked step: zero output.

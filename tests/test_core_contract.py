@@ -106,7 +106,7 @@ def _wrapped(name, xs, reset_TB):
 def _wrapped_results(name):
   xs, reset_TB, _ = _inputs()
   t = hk.transform(functools.partial(_wrapped, name))
-  params = t.init(jax.random.PRNGKey(0), xs, reset_TB)
+  params = jax.jit(t.init)(jax.random.PRNGKey(0), xs, reset_TB)
   params = jax.tree.map(  # non-zero biases and LayerNorm offsets too
       lambda p: p + 0.1 * jnp.sin(jnp.arange(p.size).reshape(p.shape)),
       params)
@@ -193,7 +193,7 @@ def _flags_fn(name):
 def test_unroll_resets_and_masks_equal_reset_core(name):
   xs, reset_TB, mask_TB = _inputs(1)
   t = _flags_fn(name)
-  params = t.init(jax.random.PRNGKey(1), xs, reset_TB, mask_TB)
+  params = jax.jit(t.init)(jax.random.PRNGKey(1), xs, reset_TB, mask_TB)
   r = jax.jit(t.apply)(params, None, xs, reset_TB, mask_TB)
   _close(r["fast"], r["slow"], 1e-5, "batched")
   _close(r["fast_unbatched"], r["slow_unbatched"], 1e-5, "unbatched")
@@ -255,7 +255,8 @@ def _train(name, policy, params, xs, targets, steps=5, lr=0.1):
 def test_bfloat16_policy(name):
   xs, _, _ = _inputs(2)
   targets = np.sin(xs.sum(-1))
-  params = _regression_loss(name).init(jax.random.PRNGKey(2), xs, targets)
+  params = jax.jit(_regression_loss(name).init)(jax.random.PRNGKey(2), xs,
+                                                targets)
   f32 = jmp.get_policy("params=float32,compute=float32,output=float32")
   losses32, (out32, grads32) = _train(name, f32, params, xs, targets)
   losses16, (out16, grads16) = _train(name, BF16, params, xs, targets)
@@ -283,7 +284,7 @@ def test_bfloat16_policy_keeps_a_float32_state(name):
   xs, _, _ = _inputs(3)
   t = hk.without_apply_rng(hk.transform(f))
   with hk.mixed_precision.push_policy(CORES[name][0], BF16):
-    params = t.init(jax.random.PRNGKey(3), xs)
+    params = jax.jit(t.init)(jax.random.PRNGKey(3), xs)
     state, dyn_state, out, dyn_out = jax.jit(t.apply)(params, xs)
   assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(params))
   assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(state))

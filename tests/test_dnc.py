@@ -451,7 +451,7 @@ def test_core_unroll_equals_dynamic_unroll(controller):
   xs = _xs(0)
   ref_access = _random_state(np.random.default_rng(8), m, w, r, h, (B,))
   access0 = _to_access_state(ref_access)
-  params = t.init(jax.random.PRNGKey(1), xs, access0)
+  params = jax.jit(t.init)(jax.random.PRNGKey(1), xs, access0)
   names = {"lstm": ["dnc/~/controller/~/layer_0"],
            "feedforward": ["dnc/~/controller/~/linear_0"]}[controller]
   assert sorted(params) == names + ["dnc/~/interface", "dnc/~/output"]
@@ -509,7 +509,7 @@ def test_lstm_core_matches_reference(clip_controller_state,
   xs = 3.0 * _xs(4)
   ref_access = _random_state(np.random.default_rng(9), m, w, r, h, (B,))
   access0 = _to_access_state(ref_access)
-  params = t.init(jax.random.PRNGKey(5), xs, access0)
+  params = jax.jit(t.init)(jax.random.PRNGKey(5), xs, access0)
   (outs, final), _ = jax.jit(t.apply)(params, xs, access0)
 
   p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)

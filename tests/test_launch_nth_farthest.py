@@ -24,6 +24,7 @@ from tensorboardX.proto import event_pb2
 from rmc_jax.experiments import nth_farthest as nth_experiment
 from rmc_jax.tasks import nth_farthest
 from rmc_jax.training import config as config_lib
+from rmc_jax.training import cpu_plan
 from rmc_jax.training import runs
 from rmc_jax.training import steps
 from rmc_jax.training.checkpoint import Checkpointer
@@ -132,7 +133,12 @@ def test_summary_json(run):
     summary = json.load(f)
   assert summary["status"] == "completed"
   assert summary["step"] == summary["num_steps"] == NUM_STEPS
-  assert summary["num_devices"] == 1 and summary["core"] == "rmc"
+  with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
+    plan = json.load(f)["cpu_plan"]  # The launcher's choice (auto).
+  assert plan in ("threads", "device_per_core")
+  assert summary["num_devices"] == (
+      cpu_plan.usable_cores() if plan == "device_per_core" else 1)
+  assert summary["core"] == "rmc"
   assert summary["num_params"] > 0
   assert set(summary["train"]) >= {"loss", "accuracy", "steps_per_sec"}
   assert set(summary["eval"]) >= {"loss", "accuracy"}

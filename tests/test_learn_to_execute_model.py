@@ -42,15 +42,16 @@ def test_encoder_state_stops_at_each_length(core_name, kwargs):
 
   f_encoded = hk.without_apply_rng(hk.transform(encoded))
   f_loop = hk.without_apply_rng(hk.transform(per_example))
-  params = f_encoded.init(jax.random.PRNGKey(1), tokens)
-  got, want = f_encoded.apply(params, tokens), f_loop.apply(params, tokens)
+  params = jax.jit(f_encoded.init)(jax.random.PRNGKey(1), tokens)
+  got = jax.jit(f_encoded.apply)(params, tokens)
+  want = jax.jit(f_loop.apply)(params, tokens)
   assert jax.tree.structure(got) == jax.tree.structure(want)
   for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_allclose(g, w, atol=1e-5)
   # Padding characters after a program's end must not change its state.
   scrambled = np.where(np.arange(t)[None] < lengths[:, None], tokens,
                        (tokens + 7) % lte.VOCAB_SIZE)
-  for g, w in zip(jax.tree.leaves(f_encoded.apply(params, scrambled)),
+  for g, w in zip(jax.tree.leaves(jax.jit(f_encoded.apply)(params, scrambled)),
                   jax.tree.leaves(got)):
     np.testing.assert_allclose(g, w, atol=1e-6)
 
@@ -107,7 +108,7 @@ def test_tiny_model_loss_falls_on_addition():
   config = _tiny_config("lstm")
   task = lte_experiment.make_task(config)
   batch = next(task.train_iterator)
-  params = task.init(jax.random.PRNGKey(0), batch)
+  params = jax.jit(task.init)(jax.random.PRNGKey(0), batch)
   opt = optax.adam(3e-3)
   opt_state = opt.init(params)
 
@@ -138,7 +139,7 @@ def test_teacher_forcing_feeds_the_shifted_targets():
     batch = next(task.train_iterator)
     model = hk.transform(lambda b: model_lib.forward(
         b, "lstm", {"hidden_sizes": (16,)}, (8,), tf))
-    params = model.init(jax.random.PRNGKey(0), batch)
+    params = jax.jit(model.init)(jax.random.PRNGKey(0), batch)
     changed = batch._replace(decoder_inputs=(batch.decoder_inputs + 1) % 40)
     outputs[tf] = np.abs(model.apply(params, None, batch)
                          - model.apply(params, None, changed)).max()
@@ -167,7 +168,7 @@ def test_tiny_model_fits_a_fixed_addition_set():
   batch = lte.encode_batch(pairs, *lte.sequence_lengths("addition", 2, 1))
   model = hk.without_apply_rng(hk.transform(lambda b: model_lib.forward(
       b, "lstm", {"hidden_sizes": (64,)}, (64,), teacher_forcing=False)))
-  params = model.init(jax.random.PRNGKey(0), batch)
+  params = jax.jit(model.init)(jax.random.PRNGKey(0), batch)
   opt = optax.adam(1e-2)
   opt_state = opt.init(params)
 
@@ -181,7 +182,7 @@ def test_tiny_model_fits_a_fixed_addition_set():
 
   for _ in range(300):
     params, opt_state, loss = step(params, opt_state)
-  predictions = np.asarray(jnp.argmax(model.apply(params, batch), -1))
+  predictions = np.asarray(jnp.argmax(jax.jit(model.apply)(params, batch), -1))
   for (program, _), ids, n in zip(pairs, predictions, batch.lengths_out):
     a, b = program.split("+")
     assert lte.decode(ids[:n]) == str((int(a) + int(b)) % 1000), (program,

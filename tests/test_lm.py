@@ -164,7 +164,7 @@ def test_carry_then_segment_equals_one_long_segment(tmp_path, core):
         long[key], np.concatenate([first[key], second[key]], axis=1))
   assert first["reset"].all() and not second["reset"].any()
 
-  params = setup.task.init(jax.random.PRNGKey(0), first)
+  params = jax.jit(setup.task.init)(jax.random.PRNGKey(0), first)
   fresh = fns.initial_state(b)
   nll1, carry = fns.forward(params, model_batch(first), fresh)
   nll2, final = fns.forward(params, model_batch(second), carry)
@@ -183,7 +183,7 @@ def test_reset_flags_restart_their_lanes(tmp_path):
   setup = make_setup(config)
   fns = Fns(config, len(setup.corpus.vocab))
   batch = setup.task.train_iterator.batch_at(0, 1)
-  params = setup.task.init(jax.random.PRNGKey(0), batch)
+  params = jax.jit(setup.task.init)(jax.random.PRNGKey(0), batch)
   b = config.batch_size
   fresh = fns.initial_state(b)
   # An arbitrary (large) incoming state, so that ignoring it would show.
@@ -674,7 +674,7 @@ def test_top1_sampling_is_greedy(tmp_path):
   config = tiny_config(tmp_path, "lstm")
   setup = make_setup(config)
   vocab_size = len(setup.corpus.vocab)
-  params = setup.task.init(jax.random.PRNGKey(0),
+  params = jax.jit(setup.task.init)(jax.random.PRNGKey(0),
                            setup.task.train_iterator.batch_at(0, 0))
   prompt = np.asarray(setup.corpus.splits["valid"][:5], np.int32)
   out = sampling.sample(params,

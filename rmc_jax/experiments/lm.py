@@ -168,6 +168,21 @@ def validate(config: ml_collections.ConfigDict) -> None:
                       f"{config.dataset!r}.")
 
 
+def matmul_width(config: ml_collections.ConfigDict) -> int:
+  """Widest matmul outside the core, for the CPU plan: the softmax (its head
+  with the adaptive softmax) or the embedding; before the corpus is read, an
+  unbounded vocabulary counts as wide."""
+  if config.softmax == "adaptive" and config.cutoffs:
+    softmax = config.cutoffs[0]
+  elif config.vocab_size:
+    softmax = config.vocab_size
+  elif config.dataset == "synthetic":
+    softmax = config.reader_options.get("num_words", 2**31)
+  else:  # Every training word: unknown until the corpus is read.
+    softmax = 2**31
+  return max(softmax, config.embed_size)
+
+
 def make_model(config: ml_collections.ConfigDict,
                vocab_size: int) -> LanguageModel:
   """The LanguageModel of a config (call inside hk.transform)."""

@@ -13,6 +13,7 @@ import ml_collections
 import optax
 
 from rmc_jax.cores import CORES
+from rmc_jax.training import cpu_plan
 from rmc_jax.training import precision as precision_lib
 
 
@@ -50,6 +51,10 @@ def base_config(experiment: str) -> ml_collections.ConfigDict:
   # Split every large parameter and its Adam moments over the devices
   # instead of replicating them (see steps.state_shardings).
   c.shard_params = False
+  # CPU devices and threads when there is no accelerator: auto, threads,
+  # device_per_core or off (rmc_jax/training/cpu_plan.py). A launcher
+  # replaces "auto" by its choice, which config.json then records.
+  c.cpu_plan = "auto"
   c.rmc = ml_collections.ConfigDict(dict(
       mem_slots=4, head_size=32, num_heads=4, num_blocks=1,
       gate_style="unit", attention_mlp_layers=2, key_size=None,
@@ -80,6 +85,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if not isinstance(value, int) or value < 1:
       raise ConfigError(f"--config.{field}={value!r}: expected a positive "
                         "integer.")
+  if config.get("cpu_plan", "auto") not in cpu_plan.PLANS:
+    raise ConfigError(f"--config.cpu_plan={config.cpu_plan!r}: expected one "
+                      f"of {list(cpu_plan.PLANS)}.")
   try:
     precision_lib.check(config.precision)
   except ValueError as e:

@@ -54,6 +54,14 @@ from rmc_jax.training.task import Params, Task
 
 EVAL_SPLIT = "eval"  # The split evaluated during training.
 
+# How many train steps the host may dispatch ahead of the devices. One or two
+# hide the dispatch; a long queue buys nothing and, on XLA:CPU with several
+# processes (gloo), deadlocked in a collective every few hundred steps (a
+# local device's step waiting for a launch queued behind it; see
+# WORKSPACE_NOTES.md, "Many hosts"). Other programs with collectives (the stop
+# agreement, evaluation) start only once every queued step has finished.
+_MAX_STEPS_AHEAD = 2
+
 
 class NonFiniteLossError(RuntimeError):
   """The loss became NaN or infinite; the message names the step."""
@@ -147,6 +155,8 @@ def train(task: Task, config: ml_collections.ConfigDict, workdir: str,
                else mesh.shard_batch(next(task.train_iterator)))
       state, step_metrics = train_step(state, batch)
       window.metrics.append(step_metrics)
+      if len(window.metrics) > _MAX_STEPS_AHEAD:
+        jax.block_until_ready(window.metrics[-1 - _MAX_STEPS_AHEAD])
       step += 1
       if compile_seconds is None:
         # Keep compilation out of steps/s: time the window from here.
@@ -162,7 +172,7 @@ def train(task: Task, config: ml_collections.ConfigDict, workdir: str,
         # that sync anyway (log and checkpoint steps).
         interrupted = (step % config.log_every == 0
                        or step % config.checkpoint_every == 0) and \
-            _any_process(interrupted)
+            _any_process(interrupted, state)
       stopping = interrupted or step == config.num_steps
       if step % config.log_every == 0 or stopping or \
           step % config.checkpoint_every == 0:
@@ -176,6 +186,7 @@ def train(task: Task, config: ml_collections.ConfigDict, workdir: str,
             task.observe(last_train)
       if periodic_eval is not None and (
           step % config.eval_every == 0 or step == config.num_steps):
+        jax.block_until_ready(state)
         last_eval = summarize(evaluator(state.params, periodic_eval))
         writer.write(step, EVAL_SPLIT, last_eval)
         window.start_time = time.perf_counter()  # Keep eval out of steps/s.
@@ -266,8 +277,13 @@ def evaluate_run(task: Task, config: ml_collections.ConfigDict, workdir: str,
                              workdir, dict(task.eval_splits), mesh)
 
 
-def _any_process(flag: bool) -> bool:
-  """True on every process if `flag` is True on any (a collective)."""
+def _any_process(flag: bool, state: TrainState) -> bool:
+  """True on every process if `flag` is True on any (a collective).
+
+  Starts once the steps that produce `state` have finished on every local
+  device (see _MAX_STEPS_AHEAD).
+  """
+  jax.block_until_ready(state)
   return bool(multihost_utils.process_allgather(np.int32(flag)).any())
 
 

@@ -265,7 +265,8 @@ class Evaluator:
       results.append(metrics)
     if not results:
       raise ValueError("no evaluation batches")
-    host = jax.device_get(results)
+    # Every local device done before the caller starts another program.
+    host = jax.device_get(jax.block_until_ready(results))
     weights = np.array([float(r.pop("weight", 1.0)) for r in host])
     total = max(weights.sum(), 1e-12)
     return {k: float(np.dot(weights, [r[k] for r in host]) / total)

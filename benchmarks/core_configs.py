@@ -30,6 +30,7 @@ class BenchConfig:
   batch: int
   steps: int
   key_size: int | None = None
+  gate_style: str = "unit"
 
   @property
   def mem_size(self) -> int:
@@ -38,7 +39,8 @@ class BenchConfig:
   def rmc_kwargs(self) -> dict:
     return dict(mem_slots=self.mem_slots, head_size=self.head_size,
                 num_heads=self.num_heads, attention_mlp_layers=self.mlp_layers,
-                key_size=self.key_size, num_blocks=1, gate_style="unit")
+                key_size=self.key_size, num_blocks=1,
+                gate_style=self.gate_style)
 
 
 def check_config_names(names: list[str]) -> None:
@@ -54,6 +56,11 @@ CONFIGS = {
     "C2": BenchConfig(1, 192, 4, 3, 192, 32, 100, key_size=64),
     "C3": BenchConfig(1, 625, 4, 5, 512, 8, 100),
     "C4": BenchConfig(8, 64, 4, 2, 64, 32, 100),
+    # C1 at the paper's Nth-farthest batch.
+    "C5": BenchConfig(4, 64, 4, 2, 40, 1600, 8),
+    # The RL agent's core (memory gating) on the flattened conv features of
+    # the paper's BoxWorld (14 x 14 grid x 24 channels), 32 x unroll 40.
+    "C6": BenchConfig(4, 64, 4, 2, 14 * 14 * 24, 32, 40, gate_style="memory"),
 }
 
 
@@ -67,7 +74,8 @@ def rmc_forward_flops_per_token(c: BenchConfig) -> float:
   flops += 2 * rows * f * d_qkv                       # qkv
   flops += 2 * h * rows * rows * (dk + c.head_size)   # q k^T and weights @ v
   flops += c.mlp_layers * 2 * rows * f * f            # attention MLP
-  flops += 2 * f * 2 * f + 2 * n * f * 2 * f          # unit gates: input, memory
+  gates = {"unit": 2 * f, "memory": 2}.get(c.gate_style, 0)  # per slot
+  flops += 2 * f * gates + 2 * n * f * gates          # gates: input, memory
   return float(flops)
 
 

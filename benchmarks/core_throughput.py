@@ -6,7 +6,7 @@ median over repeated runs after warm-up, and compares the analytic matmul
 FLOPs per token with the float32 matmul rate measured in the same run.
 
   python -m benchmarks.core_throughput            # all configs, RMC, LSTM, DNC
-  python -m benchmarks.core_throughput --configs=C1,C3 --cores=rmc --remat
+  python -m benchmarks.core_throughput --configs=C1,C3 --cores=rmc --remat=false
   python -m benchmarks.core_throughput --cores=rmc --batch_size=64 --compile_only
   python -m benchmarks.core_throughput --cpu_plan=threads   # one threaded device
 
@@ -54,13 +54,15 @@ from benchmarks.core_configs import rmc_forward_flops_per_token
 from rmc_jax import make_core
 from rmc_jax.training import cpu_plan
 
-_CONFIGS = flags.DEFINE_list("configs", ["C1", "C2", "C3", "C4"],
+_CONFIGS = flags.DEFINE_list("configs", ["C1", "C2", "C3", "C4", "C5", "C6"],
                              "Named configs to run.")
 _CORES = flags.DEFINE_list("cores", ["rmc", "lstm", "dnc"], "Cores to time.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed runs per measurement.")
-_REMAT = flags.DEFINE_bool(
-    "remat", False, "RelationalMemory(remat=True): recompute each step's "
-    "forward in the backward pass instead of storing its activations.")
+_REMAT = flags.DEFINE_enum(
+    "remat", "auto", ["auto", "true", "false"],
+    "RelationalMemory(remat=...): recompute each step's forward in the "
+    "backward pass instead of storing its activations; auto: the core's "
+    "default (remat=None).")
 _JSON = flags.DEFINE_string("json", None, "Also write the results here.")
 _BATCH = flags.DEFINE_integer(
     "batch_size", None, "Override the configs' batch sizes.", lower_bound=1)
@@ -78,7 +80,7 @@ _DYNAMIC_UNROLL = flags.DEFINE_bool(
 
 
 def time_core(core_name: str, core_kwargs: dict, c: BenchConfig,
-              repeats: int, remat: bool) -> tuple[int, float, int]:
+              repeats: int, remat: str) -> tuple[int, float, int]:
   """Returns (parameter count, median seconds of one forward+backward, bytes).
 
   The bytes are XLA's temporaries of the compiled step (its activations and
@@ -86,8 +88,8 @@ def time_core(core_name: str, core_kwargs: dict, c: BenchConfig,
   NaN with --compile_only.
   """
 
-  if remat and core_name == "rmc":
-    core_kwargs = dict(core_kwargs, remat=True)
+  if remat != "auto" and core_name == "rmc":
+    core_kwargs = dict(core_kwargs, remat=remat == "true")
 
   def loss_fn(inputs_TBD):
     core = make_core(core_name, **core_kwargs)

@@ -19,6 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     ("auto", (256, 511), 128, "threads"),  # the eval batch does not divide
     ("auto", (256,), cpu_plan.SMALL_CORE_WIDTH + 1, "threads"),
     ("auto", (256,), 0, "threads"),  # width unknown
+    ("auto", (64, 512), 128, "threads"),  # 16 rows x 128 per device
     ("threads", (256,), 128, "threads"),
     ("device_per_core", (3,), 10**6, "device_per_core"),  # as requested
     ("off", (256,), 128, "off"),
@@ -112,6 +113,6 @@ def test_launcher_records_its_choice(tmp_path):
       cwd=ROOT, env=env, check=True, capture_output=True, timeout=300)
   config = json.loads((workdir / "config.json").read_text())
   summary = json.loads((workdir / "summary.json").read_text())
-  expected = cpu_plan.choose("auto", (8, 8), 16)
+  expected = cpu_plan.choose("auto", (8, 8), 16)  # threads: tiny
   assert config["cpu_plan"] == expected.name
   assert summary["num_devices"] == expected.devices

@@ -98,6 +98,13 @@ class _RowMLP(hk.Module):
     return tuple(layer.params(self._size) for layer in self._layers)
 
 
+# remat=None recomputes the forward in the backward pass for memories at most
+# this wide: there it was both faster and smaller (C1 and C4 of
+# benchmarks/core_configs.py, 256 wide: 1.15-1.7x tokens/s, 0.2-0.4x the
+# temporaries, on a CPU); at 768 (C2) storing was faster.
+AUTO_REMAT_MAX_MEM_SIZE = 256
+
+
 class RelationalMemory(hk.RNNCore):
   """Relational Memory Core, faithful to Sonnet v1's `snt.RelationalMemory`.
 
@@ -138,7 +145,7 @@ class RelationalMemory(hk.RNNCore):
       *,
       legacy_attention_scale: bool = False,
       paper_variant: bool = False,
-      remat: bool = False,
+      remat: bool | None = None,
   ):
     """Constructs the core.
 
@@ -166,7 +173,9 @@ class RelationalMemory(hk.RNNCore):
         storing), one more forward pass of compute (and of weight reads).
         Storing is faster where the weights are large (the paper's LM core);
         recomputing is faster on small cores with many slots on a CPU
-        (WORKSPACE_NOTES.md has the measurements).
+        (WORKSPACE_NOTES.md has the measurements). None (the default):
+        recompute when the memory is at most AUTO_REMAT_MAX_MEM_SIZE wide,
+        where it was both faster and smaller.
 
     Raises:
       ValueError: on a non-positive size, num_blocks < 1,
@@ -202,7 +211,8 @@ class RelationalMemory(hk.RNNCore):
     self.input_bias = float(input_bias)
     self.attention_mlp_layers = int(attention_mlp_layers)
     self.paper_variant = bool(paper_variant)
-    self.remat = bool(remat)
+    self.remat = (self.mem_size <= AUTO_REMAT_MAX_MEM_SIZE if remat is None
+                  else bool(remat))
     qkv_size = 2 * self.key_size + self.head_size
     scale = (qkv_size if legacy_attention_scale else self.key_size) ** -0.5
     self._step_config = StepConfig(

@@ -58,7 +58,9 @@ def base_config(experiment: str) -> ml_collections.ConfigDict:
   c.rmc = ml_collections.ConfigDict(dict(
       mem_slots=4, head_size=32, num_heads=4, num_blocks=1,
       gate_style="unit", attention_mlp_layers=2, key_size=None,
-      forget_bias=1.0, input_bias=0.0, remat=False), type_safe=False)
+      forget_bias=1.0, input_bias=0.0,
+      # None: the core's choice (RelationalMemory's remat docstring).
+      remat=ml_collections.config_dict.placeholder(bool)), type_safe=False)
   c.lstm = ml_collections.ConfigDict(dict(
       hidden_sizes=(512,), skip_connections=False), type_safe=False)
   c.dnc = ml_collections.ConfigDict(dict(

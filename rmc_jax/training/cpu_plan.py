@@ -12,7 +12,8 @@ Plans (`--config.cpu_plan`, or `--cpu_plan` of the benchmarks):
   * "threads": XLA's default, one device, multi-threaded Eigen;
   * "device_per_core": one single-threaded device per usable core;
   * "auto" (the default): "device_per_core" when the batch divides over the
-    cores and the core's matmuls are small (see `choose`), else "threads";
+    cores, the core's matmuls are small and each device gets enough of them
+    (see `choose`), else "threads";
   * "off": leave XLA_FLAGS as they are (no choice made).
 
 The plan is only applied to CPU runs: not when JAX_PLATFORMS names another
@@ -38,7 +39,13 @@ _ACCELERATOR_PACKAGES = ("jax-cuda12-plugin", "jax-cuda13-plugin",
 # The widest matmul (units of a core's state that one matmul produces) below
 # which one device per core beats the threaded single device; measured on
 # C1-C6 of benchmarks/core_configs.py (see the module docstring).
-SMALL_CORE_WIDTH = 1024
+SMALL_CORE_WIDTH = 512
+# Below this much work per device (training rows per device x matmul width)
+# the collectives between the devices cost more than they save. Steps/s of
+# the launchers' variants against "threads" (CPU-2, 2026-12-02): lm:synthetic
+# (16 rows x 64) 0.73x, rl:cpu (32 x 64) 0.96x, learn_to_execute:cpu (64 x 64)
+# 0.96x, nth_farthest:cpu (128 x 128) 1.5x; C4 (16 x 256) 1.08x.
+MIN_WORK_PER_DEVICE = 4096
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,7 +101,8 @@ def core_width(core: str, core_kwargs: dict[str, Any]) -> int:
 def choose(requested: str, batch_sizes: tuple[int, ...], width: int,
            cores: int | None = None) -> CpuPlan:
   """Resolves `requested` (one of PLANS) for a run of these batch sizes
-  (every one must divide over the devices) and widest matmul `width`."""
+  (every one must divide over the devices; the first is the training
+  batch) and widest matmul `width`."""
   if requested not in PLANS:
     raise ValueError(f"cpu plan {requested!r}: expected one of {PLANS}.")
   cores = cores or usable_cores()
@@ -111,6 +119,10 @@ def choose(requested: str, batch_sizes: tuple[int, ...], width: int,
   if not 0 < width <= SMALL_CORE_WIDTH:
     return CpuPlan("threads", 1, f"matmuls {width} wide (> "
                    f"{SMALL_CORE_WIDTH}) use the threads")
+  rows = batch_sizes[0] // cores if batch_sizes else 0
+  if rows * width < MIN_WORK_PER_DEVICE:
+    return CpuPlan("threads", 1, f"{rows} rows x {width} per device is too "
+                   "little work to split")
   return CpuPlan("device_per_core", cores,
                  f"small core (matmuls {width} wide), batch divides over "
                  f"{cores} cores")

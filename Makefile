@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 WORKDIR ?= workdirs/demo
 
-.PHONY: install test demo benchmark results clean
+.PHONY: install test demo benchmark results wheels clean
 
 install: $(STAMP)
 
@@ -39,6 +39,12 @@ results: $(STAMP)
 
 benchmark: $(STAMP)
 	$(PY) -m benchmarks.core_throughput
+
+# The pure-Python packages that a GPU/TPU machine with its own jax but no
+# network lacks, as wheels for benchmarks.accelerator_check (see its docstring).
+wheels: $(STAMP)
+	$(PY) -m pip download --quiet --no-deps --only-binary=:all: -d .whl \
+	    dm-haiku==0.0.17 jmp==0.0.4 ml_collections==1.1.0
 
 clean:
 	rm -rf $(VENV) *.egg-info

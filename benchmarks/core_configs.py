@@ -122,15 +122,17 @@ def median_seconds(fn: Callable[[], object], repeats: int) -> float:
   return float(np.median(times))
 
 
-def measure_matmul_peak(size: int = 2048, repeats: int = 10) -> float:
-  """Float32 FLOP/s of jitted square matmuls, one on each device at once."""
+def measure_matmul_peak(size: int = 2048, repeats: int = 10,
+                        dtype=jnp.float32) -> float:
+  """FLOP/s of jitted square matmuls (of `dtype`), one on each device at
+  once."""
   devices = jax.devices()
   mesh = jax.sharding.Mesh(np.array(devices), ("d",))
   split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("d"))
   key_a, key_b = jax.random.split(jax.random.PRNGKey(0))
   shape = (len(devices), size, size)
-  a = jax.device_put(jax.random.normal(key_a, shape, jnp.float32), split)
-  b = jax.device_put(jax.random.normal(key_b, shape, jnp.float32), split)
+  a = jax.device_put(jax.random.normal(key_a, shape, dtype), split)
+  b = jax.device_put(jax.random.normal(key_b, shape, dtype), split)
   matmul = jax.jit(jnp.matmul, out_shardings=split)
   return 2 * len(devices) * size**3 / median_seconds(lambda: matmul(a, b),
                                                     repeats)

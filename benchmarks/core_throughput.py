@@ -53,6 +53,7 @@ from benchmarks.core_configs import median_seconds
 from benchmarks.core_configs import rmc_forward_flops_per_token
 from rmc_jax import make_core
 from rmc_jax.training import cpu_plan
+from rmc_jax.training import precision as precision_lib
 
 _CONFIGS = flags.DEFINE_list("configs", ["C1", "C2", "C3", "C4", "C5", "C6"],
                              "Named configs to run.")
@@ -73,6 +74,10 @@ _CPU_PLAN = flags.DEFINE_enum(
     "cpu_plan", "auto", cpu_plan.PLANS,
     "CPU devices and threads (rmc_jax/training/cpu_plan.py); ignored on "
     "accelerators.")
+_PRECISION = flags.DEFINE_enum(
+    "precision", "float32", list(precision_lib.PRECISIONS),
+    "The cores' compute precision (rmc_jax/training/precision.py); the "
+    "matmul peak is measured in the same dtype.")
 _DYNAMIC_UNROLL = flags.DEFINE_bool(
     "dynamic_unroll", False,
     "Time hk.dynamic_unroll(core, ...) instead of core.unroll (to measure what "
@@ -100,7 +105,8 @@ def time_core(core_name: str, core_kwargs: dict, c: BenchConfig,
       outputs, _ = core.unroll(inputs_TBD, state)
     return jnp.mean(jnp.square(outputs))
 
-  model = hk.without_apply_rng(hk.transform(loss_fn))
+  model = hk.without_apply_rng(hk.transform(
+      precision_lib.scoped(loss_fn, _PRECISION.value)))
   inputs = jax.random.normal(jax.random.PRNGKey(1),
                              (c.steps, c.batch, c.input_size))
   params = jax.eval_shape(model.init, jax.random.PRNGKey(2), inputs)
@@ -160,11 +166,14 @@ def _run_each_config_under_its_plan() -> None:
 
 
 def _run_configs(plan: cpu_plan.CpuPlan) -> None:
-  peak = measure_matmul_peak()
+  dtype = jnp.bfloat16 if _PRECISION.value == "bfloat16" else jnp.float32
+  # 2048 fills a CPU's cores; an accelerator needs larger products.
+  size = 2048 if jax.default_backend() == "cpu" else 8192
+  peak = measure_matmul_peak(size=size, dtype=dtype)
   print(f"device: {jax.devices()[0].device_kind} ({platform.processor() or platform.machine()}), "
         f"jax {jax.__version__}, {len(jax.devices())} device(s), cpu plan "
         f"{plan.name}")
-  print(f"measured float32 matmul peak: {peak / 1e9:.1f} GFLOP/s; timing "
+  print(f"measured {_PRECISION.value} matmul peak: {peak / 1e9:.1f} GFLOP/s; timing "
         f"{'hk.dynamic_unroll' if _DYNAMIC_UNROLL.value else 'core.unroll'}\n")
   header = (f"{'config':6} {'core':5} {'params':>11} {'tokens/s':>10} "
             f"{'GFLOP/token':>11} {'GFLOP/s':>8} {'% peak':>7} "
@@ -203,6 +212,7 @@ def _run_configs(plan: cpu_plan.CpuPlan) -> None:
                  fraction_of_peak=achieved / peak, core_kwargs=kwargs,
                  seconds_per_step=seconds, batch=c.batch,
                  temp_bytes=temp_bytes, cpu_plan=plan.name,
+                 precision=_PRECISION.value, device=jax.devices()[0].device_kind,
                  num_devices=len(jax.devices()))
       results.append(row)
       timing = ("-".rjust(10) + f" {flops_per_token / 1e9:>11.4f} "

@@ -123,9 +123,10 @@ def initialize_distributed() -> None:
 def apply_cpu_plan(config) -> cpu_plan.CpuPlan:
   """Chooses and applies `config.cpu_plan` (first thing in `main`, before
   any computation) and records the choice in `config.cpu_plan`."""
-  if config.get("cpu_plan", "auto") not in cpu_plan.PLANS:
-    fail(f"--config.cpu_plan={config.get('cpu_plan')!r}: expected one of "
-         f"{list(cpu_plan.PLANS)}.")
+  try:
+    cpu_plan.check(config.get("cpu_plan", "auto"))
+  except ValueError as e:
+    fail(str(e))
   module = experiments.get(config.experiment)
   width = max(cpu_plan.core_width(config.core,
                                   config_lib.core_kwargs(config)),

@@ -87,10 +87,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if not isinstance(value, int) or value < 1:
       raise ConfigError(f"--config.{field}={value!r}: expected a positive "
                         "integer.")
-  if config.get("cpu_plan", "auto") not in cpu_plan.PLANS:
-    raise ConfigError(f"--config.cpu_plan={config.cpu_plan!r}: expected one "
-                      f"of {list(cpu_plan.PLANS)}.")
   try:
+    cpu_plan.check(config.get("cpu_plan", "auto"))
     precision_lib.check(config.precision)
   except ValueError as e:
     raise ConfigError(str(e)) from None

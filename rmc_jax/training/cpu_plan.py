@@ -98,13 +98,17 @@ def core_width(core: str, core_kwargs: dict[str, Any]) -> int:
   return 0
 
 
+def check(requested: str, flag: str = "--config.cpu_plan") -> None:
+  if requested not in PLANS:
+    raise ValueError(f"{flag}={requested!r}: expected one of {list(PLANS)}.")
+
+
 def choose(requested: str, batch_sizes: tuple[int, ...], width: int,
            cores: int | None = None) -> CpuPlan:
   """Resolves `requested` (one of PLANS) for a run of these batch sizes
   (every one must divide over the devices; the first is the training
   batch) and widest matmul `width`."""
-  if requested not in PLANS:
-    raise ValueError(f"cpu plan {requested!r}: expected one of {PLANS}.")
+  check(requested)
   cores = cores or usable_cores()
   if requested in ("threads", "off"):
     return CpuPlan(requested, 1, "requested")

@@ -123,10 +123,6 @@ def initialize_distributed() -> None:
 def apply_cpu_plan(config) -> cpu_plan.CpuPlan:
   """Chooses and applies `config.cpu_plan` (first thing in `main`, before
   any computation) and records the choice in `config.cpu_plan`."""
-  try:
-    cpu_plan.check(config.get("cpu_plan", "auto"))
-  except ValueError as e:
-    fail(str(e))
   module = experiments.get(config.experiment)
   width = max(cpu_plan.core_width(config.core,
                                   config_lib.core_kwargs(config)),
@@ -134,8 +130,11 @@ def apply_cpu_plan(config) -> cpu_plan.CpuPlan:
   batches = [config.batch_size // max(config.grad_accum_steps, 1)]
   if "eval_batch_size" in config:
     batches.append(config.eval_batch_size)
-  plan = cpu_plan.apply(cpu_plan.choose(config.cpu_plan, tuple(batches),
-                                        width))
+  try:
+    chosen = cpu_plan.choose(config.cpu_plan, tuple(batches), width)
+  except ValueError as e:  # An unknown plan name.
+    fail(str(e))
+  plan = cpu_plan.apply(chosen)
   config.cpu_plan = plan.name
   return plan
 

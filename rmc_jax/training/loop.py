@@ -186,7 +186,6 @@ def train(task: Task, config: ml_collections.ConfigDict, workdir: str,
             task.observe(last_train)
       if periodic_eval is not None and (
           step % config.eval_every == 0 or step == config.num_steps):
-        jax.block_until_ready(state)
         last_eval = summarize(evaluator(state.params, periodic_eval))
         writer.write(step, EVAL_SPLIT, last_eval)
         window.start_time = time.perf_counter()  # Keep eval out of steps/s.

@@ -244,6 +244,11 @@ class Evaluator:
   def __call__(self, params: Params, batches: Iterable[Batch]) -> dict:
     """Metrics averaged over `batches` (weighted by their 'weight' entry)."""
     mesh = self._mesh
+    # Collective programs start only after the ones queued before them have
+    # finished on every local device, and finish before the caller goes on
+    # (XLA:CPU with several processes deadlocked otherwise; see
+    # training/loop.py, _MAX_STEPS_AHEAD).
+    jax.block_until_ready(params)
     carry, results = None, []
     for batch in batches:
       if carry is None:
@@ -265,7 +270,6 @@ class Evaluator:
       results.append(metrics)
     if not results:
       raise ValueError("no evaluation batches")
-    # Every local device done before the caller starts another program.
     host = jax.device_get(jax.block_until_ready(results))
     weights = np.array([float(r.pop("weight", 1.0)) for r in host])
     total = max(weights.sum(), 1e-12)

@@ -117,15 +117,6 @@ def final_value(history: dict, split: str, metric: str) -> float | None:
   return None if value is None else float(value)
 
 
-def spread(values: list[float]) -> dict:
-  """mean, std (n - 1 in the denominator; 0 for one value), min, max, n."""
-  n = len(values)
-  mean = sum(values) / n
-  std = (math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-         if n > 1 else 0.0)
-  return dict(mean=mean, std=std, min=min(values), max=max(values), n=n)
-
-
 def compare(out: str, cores: list[str], seeds: list[int], split: str,
             metric: str) -> dict[str, dict]:
   """{core: spread of the final metric over its seeds} of finished runs."""
@@ -139,7 +130,7 @@ def compare(out: str, cores: list[str], seeds: list[int], split: str,
         if value is not None and math.isfinite(value):
           values.append(value)
     if values:
-      table[core] = spread(values)
+      table[core] = runs.spread(values)
   return table
 
 
@@ -164,7 +155,7 @@ def plot_bands(out: str, cores: list[str], seeds: list[int], split: str,
     if not curves:
       continue
     steps = sorted(set.intersection(*(set(c) for c in curves)))
-    stats = [spread([c[t] for c in curves]) for t in steps]
+    stats = [runs.spread([c[t] for c in curves]) for t in steps]
     mean = [s["mean"] for s in stats]
     std = [s["std"] for s in stats]
     ax.plot(steps, mean, label=f"{core} ({len(curves)} seeds)")

@@ -1,6 +1,7 @@
 r"""Renders one results page (markdown + PNG figures) from run workdirs.
 
   python -m launch.report --manifest=docs/manifest.json --out=docs/results.md
+  python -m launch.report ... --sections=learn_to_execute,rl   # only these
 
 The figures are written next to the page (`<stem>_<section>.png`, e.g.
 docs/results_nth_farthest.png), with matplotlib (`pip install -e .[plot]`).
@@ -28,6 +29,13 @@ or from the current directory when nothing is there.
     "benchmarks": {"core": "core.json", "env_table_markdown": "...",
                    "lm_table_markdown": "..."}
   }
+
+Instead of (or beside) "runs", a section may name "grids": {NAME: DIR} of
+`python -m launch.compare` output directories: every `<core>_seed<S>` run in
+DIR is shown, labelled "NAME/CORE seed S" ("CORE seed S" for the name ""),
+and a table of the spread over seeds (mean +- std, min, max, number of
+finished seeds) per grid and core follows the section's table; "extra_runs"
+may be {"grids": ..., "title": ...} too.
 
 Every section also takes "command", "notes" (the "where we disagree with the
 paper and why" sentence), "title", "description", "machine" and "date" (which
@@ -60,6 +68,7 @@ from launch import common
 from rmc_jax import experiments
 from rmc_jax.training.runs import read_history
 from rmc_jax.training.runs import series
+from rmc_jax.training.runs import spread
 
 DPI = 90
 MAX_PNG_BYTES = 200_000
@@ -170,10 +179,35 @@ def _resolve(path: str, base_dir: str) -> str:
   return candidate if os.path.exists(candidate) else path
 
 
-def load_runs(run_specs: dict, base_dir: str) -> tuple[list[dict], list[str]]:
-  """(runs labelled by their manifest key, notes on runs that are missing)."""
-  runs, missing = [], []
-  for label, workdir in (run_specs or {}).items():
+_GRID_RUN = re.compile(r"^(?P<core>[a-z0-9]+)_seed(?P<seed>\d+)$")
+
+
+def load_runs(run_specs: dict | None, base_dir: str,
+              grids: dict | None = None) -> tuple[list[dict], list[str]]:
+  """(runs, notes on runs that are missing).
+
+  `run_specs` is {label: workdir}; `grids` is {name: directory of a
+  `launch.compare` grid}, whose `<core>_seed<S>` runs are labelled
+  "name/CORE seed S" (just "CORE seed S" for the name "") and carry
+  run["grid"] = name.
+  """
+  entries = [(label, workdir, None) for label, workdir in
+             (run_specs or {}).items()]
+  missing = []
+  for name, grid in (grids or {}).items():
+    path = _resolve(grid, base_dir)
+    found = sorted(
+        (m["core"], int(m["seed"]), entry)
+        for entry in (os.listdir(path) if os.path.isdir(path) else [])
+        if (m := _GRID_RUN.match(entry)))
+    if not found:
+      missing.append(f"grid {name or grid}: no <core>_seed<S> runs in {grid}")
+    for core, seed, entry in found:
+      label = f"{CORE_NAMES.get(core, core)} seed {seed}"
+      entries.append((f"{name}/{label}" if name else label,
+                      os.path.join(grid, entry), name))
+  runs = []
+  for label, workdir, grid in entries:
     try:
       run = read_history(_resolve(workdir, base_dir))
     except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError) as e:
@@ -181,8 +215,43 @@ def load_runs(run_specs: dict, base_dir: str) -> tuple[list[dict], list[str]]:
       continue
     run["label"] = label
     run["workdir"] = workdir
+    if grid is not None:
+      run["grid"] = grid
     runs.append(run)
   return runs, missing
+
+
+def seed_table(runs: list[dict], value: Callable[[dict], Any], name: str,
+               scale: float = 1.0, spec: str = ".4g") -> list[str]:
+  """The spread over seeds of `scale * value(run)` per grid and core
+  (finished runs).
+
+  Empty when no run comes from a grid.
+  """
+  groups: dict[tuple[str, str], list[float]] = {}
+  for run in runs:
+    if "grid" not in run:
+      continue
+    values = groups.setdefault((run["grid"], _core(run)), [])
+    v = _num(value(run))
+    if run["summary"].get("status") == "completed" and v is not None \
+        and math.isfinite(v):
+      values.append(scale * v)
+  if not groups:
+    return []
+  named = any(grid for grid, _ in groups)
+  rows = []
+  for (grid, core), values in groups.items():
+    cells = ["n/a"] * 3
+    if values:
+      s = spread(values)
+      cells = [f"{s['mean']:{spec}} +- {s['std']:.3g}", f"{s['min']:{spec}}",
+               f"{s['max']:{spec}}"]
+    rows.append(([grid] if named else []) + [core] + cells + [str(len(values))])
+  header = (["grid"] if named else []) + [
+      "core", f"{name}: mean +- std over seeds", "min", "max", "seeds"]
+  return ["Across seeds (finished runs only; standard deviation with n - 1 "
+          "in the denominator, 0 for one seed):", md_table(header, rows)]
 
 
 def final(run: dict, split: str, metric: str) -> Any:
@@ -341,7 +410,9 @@ def _nth_block(ctx: Context, key: str, runs: list[dict], title: str) -> str:
   header = (COMMON_HEADER + ["objects x features", "held-out accuracy",
                              "held-out loss"] + SPEED_HEADER
             + ["paper accuracy (8 x 16, full scale)"])
-  parts = [figure, md_table(header, rows)]
+  parts = [figure, md_table(header, rows), *seed_table(
+      runs, lambda r: final(r, NTH.split, NTH.metric), "held-out accuracy (%)",
+      100)]
   if curriculum:
     parts.append("With the curriculum, training batches start with fewer "
                  "objects (one more at each grey line); the held-out set "
@@ -352,7 +423,8 @@ def _nth_block(ctx: Context, key: str, runs: list[dict], title: str) -> str:
 
 def render_nth_farthest(ctx: Context, spec: dict) -> str:
   title = spec.get("title") or DEFAULT_TITLES["nth_farthest"]
-  runs, missing = load_runs(spec.get("runs"), ctx.base_dir)
+  runs, missing = load_runs(spec.get("runs"), ctx.base_dir,
+                            spec.get("grids"))
   parts = [f"## {title}", spec.get("description", ""),
            "Held-out accuracy is measured on a fixed evaluation set drawn "
            "from a random stream disjoint from the training batches. The "
@@ -366,10 +438,11 @@ def render_nth_farthest(ctx: Context, spec: dict) -> str:
   parts += _missing_lines(missing)
   extra = spec.get("extra_runs")
   if extra:
-    sub = extra if "runs" in extra else {
+    sub = extra if "runs" in extra or "grids" in extra else {
         "runs": extra, "title": spec.get("extra_title"),
         "command": spec.get("extra_command"), "notes": spec.get("extra_notes")}
-    extra_runs, extra_missing = load_runs(sub["runs"], ctx.base_dir)
+    extra_runs, extra_missing = load_runs(sub.get("runs"), ctx.base_dir,
+                                          sub.get("grids"))
     sub_title = sub.get("title") or "Second comparison"
     parts.append(f"### {sub_title}")
     if extra_runs:
@@ -389,7 +462,8 @@ def _lte_task(run: dict) -> str:
 
 def render_learn_to_execute(ctx: Context, spec: dict) -> str:
   title = spec.get("title") or DEFAULT_TITLES["learn_to_execute"]
-  runs, missing = load_runs(spec.get("runs"), ctx.base_dir)
+  runs, missing = load_runs(spec.get("runs"), ctx.base_dir,
+                            spec.get("grids"))
   parts = [f"## {title}", spec.get("description", ""),
            "Per-character accuracy on a fixed evaluation set of programs "
            "drawn from a random stream that no training batch uses. The "
@@ -427,7 +501,9 @@ def render_learn_to_execute(ctx: Context, spec: dict) -> str:
                                "held-out char accuracy",
                                "held-out sequence accuracy"] + SPEED_HEADER
               + ["paper char accuracy (full scale)"])
-    parts += [figure, md_table(header, rows),
+    parts += [figure, md_table(header, rows), *seed_table(
+        runs, lambda r: final(r, LTE.split, LTE.metric),
+        "held-out char accuracy (%)", 100),
               _provenance(runs, spec, ctx.manifest), _commands(spec)]
   else:
     parts.append("_No run of this section could be read._")
@@ -450,7 +526,8 @@ def _paper_lm_table() -> str:
 def render_lm(ctx: Context, key: str, spec: dict) -> str:
   title = spec.get("title") or DEFAULT_TITLES.get(
       key, "Language modelling: " + key[len("lm_"):])
-  runs, missing = load_runs(spec.get("runs"), ctx.base_dir)
+  runs, missing = load_runs(spec.get("runs"), ctx.base_dir,
+                            spec.get("grids"))
   entropy = _num(spec.get("true_entropy"))
   parts = [f"## {title}", spec.get("description", ""),
            "Word-level perplexity on the validation split during training and "
@@ -497,7 +574,8 @@ def render_lm(ctx: Context, key: str, spec: dict) -> str:
     if entropy is not None:
       header.append("test loss - entropy")
     header += SPEED_HEADER + ["tokens/s (last window)"]
-    parts += [figure, md_table(header, rows),
+    parts += [figure, md_table(header, rows), *seed_table(
+        runs, lambda r: final(r, LM.split, LM.metric), "test perplexity"),
               _provenance(runs, spec, ctx.manifest), _commands(spec)]
   else:
     parts.append("_No run of this section could be read._")
@@ -533,7 +611,8 @@ RL_LAST_WINDOWS = 10
 
 def render_rl(ctx: Context, spec: dict, key: str = "rl") -> str:
   title = spec.get("title") or DEFAULT_TITLES["rl"]
-  runs, missing = load_runs(spec.get("runs"), ctx.base_dir)
+  runs, missing = load_runs(spec.get("runs"), ctx.base_dir,
+                            spec.get("grids"))
   parts = [f"## {title}", spec.get("description", ""),
            "Mean return of the episodes that ended in each logging window of "
            "training (the agent's own policy, so this is the learning curve; "
@@ -586,7 +665,10 @@ def render_rl(ctx: Context, spec: dict, key: str = "rl") -> str:
                   + [_fmt(env_steps, ".0f")])
     header = (COMMON_HEADER + ["environment", "mean episode return"]
               + SPEED_HEADER + ["env steps/s (last window)"])
-    parts += [figure, md_table(header, rows)]
+    parts += [figure, md_table(header, rows), *seed_table(
+        [r for r in runs if not _is_random(r)],
+        lambda r: mean_return(r, RL_LAST_WINDOWS),
+        f"mean return (last {RL_LAST_WINDOWS} windows)")]
     parts += [f"Environment settings ({', '.join(labels)}): {text}."
               for text, labels in settings.items()]
     parts += [_provenance(runs, spec, ctx.manifest), _commands(spec)]
@@ -772,13 +854,11 @@ SECTIONS: tuple[tuple[str, Callable[[Context, dict], str]], ...] = (
 )
 
 
-def build_report(manifest: dict, out: str, base_dir: str = "."
-                 ) -> tuple[str, list[str]]:
-  """Writes the page `out` and its figures; returns (markdown, figure paths).
+SECTION_MARK = "<!-- section: {} -->"
 
-  Relative paths in the manifest are taken from `base_dir` first.
-  """
-  ctx = Context(manifest, out, base_dir)
+
+def _section_list(manifest: dict) -> list[tuple[str, Callable]]:
+  """SECTIONS plus the manifest's further "lm_*" and "rl_*" sections."""
   sections = list(SECTIONS)
   known = {key for key, _ in sections}
   for key in manifest:  # Further LM or RL sections, e.g. lm_wikitext103.
@@ -786,13 +866,66 @@ def build_report(manifest: dict, out: str, base_dir: str = "."
       sections.insert(-2, (key, lambda c, s, k=key: render_lm(c, k, s)))
     elif key.startswith("rl_") and key not in known:
       sections.insert(-1, (key, lambda c, s, k=key: render_rl(c, s, k)))
+  return sections
+
+
+_NEXT_SECTION = re.compile(r"^(<!-- section: |## )", re.M)
+
+
+def replace_sections(page: str, rendered: dict[str, str]) -> str:
+  """`page` with each section of `rendered` ({key: markdown}) replaced.
+
+  A section is found by its mark (written by every build) or, on a page
+  written before the marks, by its "## title" line; it runs to the next mark
+  or "## " heading. Raises ValueError naming a section the page lacks.
+  """
+  for key, text in rendered.items():
+    start = page.find(SECTION_MARK.format(key))
+    if start < 0:
+      heading = text.splitlines()[0]
+      found = re.search("^" + re.escape(heading) + "$", page, re.M)
+      if not found:
+        raise ValueError(f"section {key!r} ({heading!r}) is not on the page; "
+                         "build the whole page instead")
+      start = found.start()
+    heading_end = page.index("\n", page.index("## ", start)) + 1
+    nxt = _NEXT_SECTION.search(page, heading_end)
+    end = nxt.start() if nxt else len(page)
+    page = (page[:start] + SECTION_MARK.format(key) + "\n" + text + "\n\n"
+            + page[end:])
+  return page.rstrip("\n") + "\n"
+
+
+def build_report(manifest: dict, out: str, base_dir: str = ".",
+                 only: list[str] | None = None) -> tuple[str, list[str]]:
+  """Writes the page `out` and its figures; returns (markdown, figure paths).
+
+  Relative paths in the manifest are taken from `base_dir` first. With
+  `only` (section keys), just those sections and their figures are rendered
+  again and replaced in the existing page; the rest of it is kept.
+  """
+  ctx = Context(manifest, out, base_dir)
+  sections = _section_list(manifest)
+  if only is not None:
+    unknown = sorted(set(only) - {k for k, _ in sections if manifest.get(k)})
+    if unknown:
+      raise ValueError(f"--sections: {unknown} are not sections of the "
+                       "manifest")
+    with open(out, encoding="utf-8") as f:
+      page = f.read()
+    rendered = {key: render(ctx, manifest[key]) for key, render in sections
+                if key in only}
+    text = replace_sections(page, rendered)
+    with open(out, "w", encoding="utf-8") as f:
+      f.write(text)
+    return text, ctx.figures
   body, skipped = [], []
   for key, render in sections:
     spec = manifest.get(key)
     if not spec:
       skipped.append(DEFAULT_TITLES.get(key, key))
       continue
-    body.append(render(ctx, spec))
+    body.append(SECTION_MARK.format(key) + "\n" + render(ctx, spec))
   head = [f"# {manifest.get('title', 'Results')}",
           manifest.get("intro", ""),
           f"Machine: {manifest.get('machine', 'not given')}; date: "
@@ -816,6 +949,10 @@ _MANIFEST = flags.DEFINE_string("manifest", None,
                                 "JSON manifest (see the module docstring).")
 _OUT = flags.DEFINE_string("out", "docs/results.md",
                            "Markdown page to write; figures go next to it.")
+_SECTIONS = flags.DEFINE_list(
+    "sections", None, "Render only these sections of the manifest (e.g. "
+    "learn_to_execute,rl) and replace them in the existing --out page, "
+    "keeping the rest of it; default: the whole page.")
 
 
 def main(argv: list[str]) -> int:
@@ -834,7 +971,15 @@ def main(argv: list[str]) -> int:
     print("error: --manifest: expected a JSON object", file=sys.stderr)
     return 2
   base_dir = os.path.dirname(os.path.abspath(_MANIFEST.value))
-  _, figures = build_report(manifest, _OUT.value, base_dir)
+  if _SECTIONS.value and not os.path.exists(_OUT.value):
+    print(f"error: --sections: --out={_OUT.value} does not exist; build the "
+          "whole page first", file=sys.stderr)
+    return 2
+  try:
+    _, figures = build_report(manifest, _OUT.value, base_dir, _SECTIONS.value)
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
   print(f"wrote {_OUT.value}")
   for path in figures:
     print(f"wrote {path} ({os.path.getsize(path) / 1000:.0f} kB)")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -223,6 +224,60 @@ def test_runs_without_points_give_no_figure(tmp_path):
   row = find_row(text, run="RMC", core="RMC")
   assert row["parameters"] == "?" and row["seed"] == "1"
   assert row["steps"] == "? (in progress: no summary.json)"
+
+
+def test_grids_show_every_seed_and_their_spread(tmp_path):
+  finals = {("rmc", 0): 0.9, ("rmc", 1): 0.8, ("rmc", 4): 0.6,
+            ("lstm", 0): 0.5}
+  for (core, seed), acc in finals.items():
+    _nth_run(str(tmp_path / "grid" / f"{core}_seed{seed}"), core, seed, 10,
+             [0.3, acc])
+  # Neither an unfinished run nor a stray directory counts.
+  _write_run(str(tmp_path / "grid" / "lstm_seed1"),
+             {"core": "lstm", "seed": 1}, [], None)
+  os.makedirs(tmp_path / "grid" / "notes")
+  text, _ = report.build_report(
+      {"nth_farthest": {"grids": {"": str(tmp_path / "grid")}}},
+      str(tmp_path / "page.md"))
+  assert find_row(text, run="RMC seed 4")["held-out accuracy"] == "60.0%"
+  assert find_row(text, run="LSTM seed 1")["steps"].endswith(
+      "(in progress: no summary.json)")
+  rmc = 100 * np.array([0.9, 0.8, 0.6])
+  row = find_row(text, core="RMC", seeds="3")
+  mean, std = row["held-out accuracy (%): mean +- std over seeds"].split(" +- ")
+  assert float(mean) == pytest.approx(rmc.mean(), rel=1e-3)
+  assert float(std) == pytest.approx(rmc.std(ddof=1), rel=1e-2)
+  assert (row["min"], row["max"]) == ("60", "90")
+  lstm = find_row(text, core="LSTM", seeds="1")
+  assert lstm["held-out accuracy (%): mean +- std over seeds"] == "50 +- 0"
+  assert "notes" not in text
+
+
+def test_sections_replaces_only_those_sections(tmp_path):
+  _nth_run(str(tmp_path / "a"), "rmc", 1, 111, [0.5, 0.6])
+  _nth_run(str(tmp_path / "b"), "rmc", 2, 222, [0.5, 0.7])
+  _write_run(str(tmp_path / "rl"), {"core": "lstm", "seed": 3, "env": "box"},
+             [], None)
+  out = str(tmp_path / "page.md")
+  first = {"nth_farthest": {"runs": {"RMC": str(tmp_path / "a")}},
+           "rl": {"runs": {"LSTM": str(tmp_path / "rl")}}}
+  whole, _ = report.build_report(first, out)
+  # A page written before the section marks is found by its headings.
+  with open(out, "w", encoding="utf-8") as f:
+    f.write(re.sub(r"<!-- section: \w+ -->\n", "", whole))
+  second = {"nth_farthest": {"runs": {"RMC": str(tmp_path / "b")}},
+            "rl": {"runs": {"RMC": "nowhere"}}}
+  text, figures = report.build_report(second, out, only=["nth_farthest"])
+  assert find_row(text, run="RMC", core="RMC")["parameters"] == "222"
+  assert "111" not in text
+  rl_part = lambda t: t[t.index("## " + report.DEFAULT_TITLES["rl"]):]
+  assert rl_part(text) == rl_part(whole)  # Kept, not rendered from `second`.
+  assert [os.path.basename(p) for p in figures] == ["page_nth_farthest.png"]
+  assert text.count("<!-- section: nth_farthest -->") == 1
+  again, _ = report.build_report(second, out, only=["nth_farthest"])
+  assert again == text  # Found by its mark this time; nothing duplicated.
+  with pytest.raises(ValueError, match="attention"):
+    report.build_report(second, out, only=["attention"])
 
 
 # Runs a launcher's entry point with matplotlib unimportable.

@@ -4,7 +4,8 @@ A run directory holds `config.json` and `checkpoints/<step>/` (see
 `rmc_jax.training.checkpoint`). `load_run` gives its config and the
 parameters of its newest readable checkpoint as host arrays, without
 building the task's data: the checkpoints are opened read-only. `read_history` gives its logs
-(metrics.jsonl, summary.json) for plots and reports. `export_params` writes a
+(metrics.jsonl, summary.json) for plots and reports, `spread` the statistics
+of a metric over seeds. `export_params` writes a
 run's parameters and config into one .npz file, which `load_exported` reads
 back without the run directory.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from typing import Any
 
@@ -181,3 +183,12 @@ def series(run: dict, split: str, metric: str) -> tuple[list[int], list[float]]:
             if r["split"] == split and isinstance(r.get(metric), (int, float))}
   steps = sorted(points)
   return steps, [points[s] for s in steps]
+
+
+def spread(values: list[float]) -> dict:
+  """mean, std (n - 1 in the denominator; 0 for one value), min, max, n."""
+  n = len(values)
+  mean = sum(values) / n
+  std = (math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+         if n > 1 else 0.0)
+  return dict(mean=mean, std=std, min=min(values), max=max(values), n=n)

@@ -103,7 +103,9 @@ def run_grid(experiment: str, cores: list[str], seeds: list[int], out: str,
         print(f"[{core} seed {seed}] done in {took:.0f} s", flush=True)
       else:
         failed.append(f"{core} seed {seed}")
-        print(f"[{core} seed {seed}] failed (exit {proc.returncode}); see "
+        why = (f"exit {proc.returncode}" if proc.returncode else
+               "stopped before its last step")
+        print(f"[{core} seed {seed}] failed ({why}); see "
               f"{os.path.join(workdir, 'launcher.log')}", flush=True)
   return failed
 

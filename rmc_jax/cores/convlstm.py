@@ -168,10 +168,21 @@ class ConvLSTM(hk.RNNCore):
 
 
 def _conv(x_NHWC: jax.Array, w_KKCD: jax.Array) -> jax.Array:
-  """Stride-1 'SAME' convolution (cross-correlation) -> [N, H, W, D]."""
-  return jax.lax.conv_general_dilated(
-      x_NHWC, w_KKCD, window_strides=(1, 1), padding="SAME",
-      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  """Stride-1 'SAME' convolution (cross-correlation) -> [N, H, W, D].
+
+  As one matmul over the k x k shifted copies of the padded input (im2col):
+  on XLA:CPU the gradient of `lax.conv_general_dilated` at these sizes was
+  20x slower than its forward pass (WORKSPACE_NOTES.md, "ConvLSTM speed").
+  """
+  k = w_KKCD.shape[0]
+  low = (k - 1) // 2  # 'SAME': the odd row / column of padding goes last.
+  _, h, w, c = x_NHWC.shape
+  padded = jnp.pad(x_NHWC, ((0, 0), (low, k - 1 - low), (low, k - 1 - low),
+                            (0, 0)))
+  patches_NHWX = jnp.concatenate(
+      [padded[:, a:a + h, b:b + w] for a in range(k) for b in range(k)],
+      axis=-1)
+  return jnp.dot(patches_NHWX, w_KKCD.reshape(k * k * c, -1))
 
 
 class _LayerParams(hk.Module):

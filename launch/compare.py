@@ -45,10 +45,6 @@ _METRIC = flags.DEFINE_string("metric", None,
                               "experiment's headline metric).")
 
 
-def run_dir(out: str, core: str, seed: int) -> str:
-  return os.path.join(out, f"{core}_seed{seed}")
-
-
 def is_finished(workdir: str) -> bool:
   """True when the run's summary says it completed all its steps."""
   path = os.path.join(workdir, "summary.json")
@@ -74,7 +70,7 @@ def run_grid(experiment: str, cores: list[str], seeds: list[int], out: str,
   todo, failed = [], []
   for core in cores:
     for seed in seeds:
-      workdir = run_dir(out, core, seed)
+      workdir = runs.grid_run_dir(out, core, seed)
       if is_finished(workdir):
         print(f"[{core} seed {seed}] finished before: reused", flush=True)
       else:
@@ -126,7 +122,7 @@ def compare(out: str, cores: list[str], seeds: list[int], split: str,
   for core in cores:
     values = []
     for seed in seeds:
-      workdir = run_dir(out, core, seed)
+      workdir = runs.grid_run_dir(out, core, seed)
       if is_finished(workdir):
         value = final_value(runs.read_history(workdir), split, metric)
         if value is not None and math.isfinite(value):
@@ -151,9 +147,9 @@ def plot_bands(out: str, cores: list[str], seeds: list[int], split: str,
   plt = common.pyplot()
   fig, ax = plt.subplots(figsize=(6, 3.8), dpi=90)
   for core in cores:
-    curves = [dict(zip(*runs.series(runs.read_history(run_dir(out, core, s)),
-                                    split, metric)))
-              for s in seeds if is_finished(run_dir(out, core, s))]
+    dirs = [runs.grid_run_dir(out, core, s) for s in seeds]
+    curves = [dict(zip(*runs.series(runs.read_history(d), split, metric)))
+              for d in dirs if is_finished(d)]
     if not curves:
       continue
     steps = sorted(set.intersection(*(set(c) for c in curves)))

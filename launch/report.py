@@ -66,6 +66,8 @@ from absl import flags
 
 from launch import common
 from rmc_jax import experiments
+from rmc_jax.training.runs import grid_run_dir
+from rmc_jax.training.runs import grid_runs
 from rmc_jax.training.runs import read_history
 from rmc_jax.training.runs import series
 from rmc_jax.training.runs import spread
@@ -179,9 +181,6 @@ def _resolve(path: str, base_dir: str) -> str:
   return candidate if os.path.exists(candidate) else path
 
 
-_GRID_RUN = re.compile(r"^(?P<core>[a-z0-9]+)_seed(?P<seed>\d+)$")
-
-
 def load_runs(run_specs: dict | None, base_dir: str,
               grids: dict | None = None) -> tuple[list[dict], list[str]]:
   """(runs, notes on runs that are missing).
@@ -195,17 +194,13 @@ def load_runs(run_specs: dict | None, base_dir: str,
              (run_specs or {}).items()]
   missing = []
   for name, grid in (grids or {}).items():
-    path = _resolve(grid, base_dir)
-    found = sorted(
-        (m["core"], int(m["seed"]), entry)
-        for entry in (os.listdir(path) if os.path.isdir(path) else [])
-        if (m := _GRID_RUN.match(entry)))
+    found = grid_runs(_resolve(grid, base_dir))
     if not found:
       missing.append(f"grid {name or grid}: no <core>_seed<S> runs in {grid}")
-    for core, seed, entry in found:
+    for core, seed, _ in found:
       label = f"{CORE_NAMES.get(core, core)} seed {seed}"
       entries.append((f"{name}/{label}" if name else label,
-                      os.path.join(grid, entry), name))
+                      grid_run_dir(grid, core, seed), name))
   runs = []
   for label, workdir, grid in entries:
     try:

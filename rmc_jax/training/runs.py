@@ -5,7 +5,8 @@ A run directory holds `config.json` and `checkpoints/<step>/` (see
 parameters of its newest readable checkpoint as host arrays, without
 building the task's data: the checkpoints are opened read-only. `read_history` gives its logs
 (metrics.jsonl, summary.json) for plots and reports, `spread` the statistics
-of a metric over seeds. `export_params` writes a
+of a metric over seeds, `grid_run_dir` / `grid_runs` where a `launch.compare`
+grid keeps its runs. `export_params` writes a
 run's parameters and config into one .npz file, which `load_exported` reads
 back without the run directory.
 """
@@ -16,6 +17,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 from typing import Any
 
 import jax
@@ -192,3 +194,19 @@ def spread(values: list[float]) -> dict:
   std = (math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
          if n > 1 else 0.0)
   return dict(mean=mean, std=std, min=min(values), max=max(values), n=n)
+
+
+_GRID_RUN = re.compile(r"^(?P<core>[a-z0-9]+)_seed(?P<seed>\d+)$")
+
+
+def grid_run_dir(grid: str, core: str, seed: int) -> str:
+  """The run of (core, seed) in a `launch.compare` grid directory."""
+  return os.path.join(grid, f"{core}_seed{seed}")
+
+
+def grid_runs(grid: str) -> list[tuple[str, int, str]]:
+  """(core, seed, run directory) of every run in a grid directory, sorted by
+  core and seed; empty when `grid` is not a directory."""
+  names = os.listdir(grid) if os.path.isdir(grid) else []
+  return sorted((m["core"], int(m["seed"]), os.path.join(grid, name))
+                for name in names if (m := _GRID_RUN.match(name)))

@@ -1,9 +1,12 @@
 """The RMC's fast `unroll` against `hk.dynamic_unroll`, on any device.
 
-Outputs and gradients of every parameter of a few core configs, in float32
-with the matmul precision set to "highest" (max error relative to the
-largest value <= FLOAT32_TOL) and under the bfloat16 policy (<= BFLOAT16_TOL:
-bfloat16 keeps 8 bits of mantissa and both paths round at other places).
+Outputs and gradients of every parameter of a few core configs, with the
+matmul precision set to "highest". In float32 the two paths must agree (max
+error relative to the largest value <= FLOAT32_TOL). Under the bfloat16
+policy both paths round, at different places, by as much as 8% of a small
+gradient (a gate bias sums many bfloat16 terms that nearly cancel), so each is
+measured against the float32 result instead: the fast path must lose at most
+BFLOAT16_MARGIN times what `hk.dynamic_unroll` loses (or BFLOAT16_FLOOR).
 Used by `benchmarks.accelerator_check`.
 """
 
@@ -18,7 +21,8 @@ from rmc_jax import RelationalMemory
 from rmc_jax.training import precision as precision_lib
 
 FLOAT32_TOL = 1e-4
-BFLOAT16_TOL = 5e-2
+BFLOAT16_MARGIN = 1.5
+BFLOAT16_FLOOR = 1e-2
 # Fast-path checks: (gate style, blocks, remat) on 4 slots x 2 heads x 16.
 _CHECKS = (("unit", 1, False), ("memory", 2, True), (None, 1, True))
 
@@ -60,19 +64,34 @@ def _relative_error(reference, other) -> float:
   return worst
 
 
+def _row(precision, gate_style, num_blocks, remat, error, tolerance,
+         **extra) -> dict:
+  passed = bool(error <= tolerance)
+  print(f"fast path vs dynamic_unroll, {precision}, gates={gate_style}, "
+        f"blocks={num_blocks}, remat={remat}: {error:.2e} "
+        f"(<= {tolerance:.2e}) {'ok' if passed else 'FAILED'}", flush=True)
+  return dict(precision=precision, gate_style=gate_style,
+              num_blocks=num_blocks, remat=remat, max_relative_error=error,
+              tolerance=tolerance, passed=passed, **extra)
+
+
 def fast_path_checks() -> list[dict]:
-  rows = []
-  for precision, tol in (("float32", FLOAT32_TOL),
-                         ("bfloat16", BFLOAT16_TOL)):
-    for gate_style, num_blocks, remat in _CHECKS:
-      with jax.default_matmul_precision("highest"):
-        reference, fast = _paths(gate_style, num_blocks, remat, precision)
-      error = _relative_error(reference, fast)
-      rows.append(dict(precision=precision, gate_style=gate_style,
-                       num_blocks=num_blocks, remat=remat,
-                       max_relative_error=error, tolerance=tol,
-                       passed=bool(error <= tol)))
-      print(f"fast path vs dynamic_unroll, {precision}, gates={gate_style}, "
-            f"blocks={num_blocks}, remat={remat}: {error:.2e} (<= {tol}) "
-            f"{'ok' if error <= tol else 'FAILED'}", flush=True)
-  return rows
+  """One row per config and precision: float32 rows first, then bfloat16.
+
+  A bfloat16 row's `max_relative_error` is the fast path's distance from the
+  float32 `hk.dynamic_unroll` result and `reference_error` that of
+  `hk.dynamic_unroll` under bfloat16.
+  """
+  float32_rows, bfloat16_rows = [], []
+  for config in _CHECKS:
+    with jax.default_matmul_precision("highest"):
+      truth, fast32 = _paths(*config, "float32")
+      reference16, fast16 = _paths(*config, "bfloat16")
+    float32_rows.append(_row("float32", *config,
+                             _relative_error(truth, fast32), FLOAT32_TOL))
+    reference_error = _relative_error(truth, reference16)
+    bfloat16_rows.append(_row(
+        "bfloat16", *config, _relative_error(truth, fast16),
+        max(BFLOAT16_MARGIN * reference_error, BFLOAT16_FLOOR),
+        reference_error=reference_error))
+  return float32_rows + bfloat16_rows

@@ -11,6 +11,12 @@ through the scan so that it is really computed. Reports the median over
   python -m benchmarks.env_throughput                      # 1..8192 episodes
   python -m benchmarks.env_throughput --sizes=1,64 --steps=50 --repeats=2
   python -m benchmarks.env_throughput --envs=boxworld --viewport=5
+  python -m benchmarks.env_throughput --sizes=64,1024 --cpu_plan=device_per_core
+
+On a CPU `--cpu_plan` (rmc_jax/training/cpu_plan.py) sets the devices and
+threads: "auto" keeps XLA's threaded device (there is no memory core to size
+a plan by); under "device_per_core" the episodes are split over one
+single-threaded device per core, as in the RL launcher's data-parallel mesh.
 """
 
 from __future__ import annotations
@@ -23,9 +29,14 @@ from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 import numpy as np
 
 from rmc_jax.rl.envs import AutoReset, BoxWorld, MiniPacman
+from rmc_jax.training import cpu_plan
+from rmc_jax.training.mesh import DATA_AXIS
+from rmc_jax.training.mesh import DataMesh
 
 _ENVS = flags.DEFINE_list("envs", ["mini_pacman", "boxworld"],
                           "Environments to time.")
@@ -37,6 +48,10 @@ _VIEWPORT = flags.DEFINE_integer("viewport", 0,
                                  "Viewport size (0: full observation).")
 _AUTO_RESET = flags.DEFINE_bool("auto_reset", True,
                                 "Wrap the environment in AutoReset.")
+_CPU_PLAN = flags.DEFINE_enum(
+    "cpu_plan", "auto", cpu_plan.PLANS,
+    "CPU devices and threads (rmc_jax/training/cpu_plan.py); ignored on "
+    "accelerators.")
 _JSON = flags.DEFINE_string("json", None, "Also write the results here.")
 
 
@@ -49,16 +64,19 @@ def make_env(name: str, viewport: int | None):
 
 
 def time_env(name: str, batch: int, steps: int, repeats: int,
-             viewport: int | None, auto_reset: bool) -> dict:
-  """Compiles and times `steps` vmapped steps of `batch` episodes."""
+             viewport: int | None, auto_reset: bool, mesh: DataMesh) -> dict:
+  """Compiles and times `steps` vmapped steps of `batch` episodes, split
+  over the devices of `mesh`."""
   env = make_env(name, viewport)
   if auto_reset:
     env = AutoReset(env)
   num_actions = env.action_spec().num_values
-  keys = jax.random.split(jax.random.PRNGKey(0), batch)
+  keys = jax.device_put(jax.random.split(jax.random.PRNGKey(0), batch),
+                        mesh.batch_sharding)
   states, first = jax.jit(jax.vmap(env.reset))(keys)
   actions_TB = jax.device_put(np.random.default_rng(0).integers(
-      0, num_actions, (steps, batch), dtype=np.int32))
+      0, num_actions, (steps, batch), dtype=np.int32),
+                              NamedSharding(mesh.mesh, P(None, DATA_AXIS)))
 
   @jax.jit
   def run(states, obs_B, actions_TB):
@@ -93,6 +111,14 @@ def time_env(name: str, batch: int, steps: int, repeats: int,
 def main(argv):
   del argv
   viewport = _VIEWPORT.value or None
+  plan = cpu_plan.apply(cpu_plan.choose_for_process(_CPU_PLAN.value, []))
+  mesh = DataMesh()
+  uneven = [s for s in _SIZES.value if int(s) % mesh.num_devices]
+  if uneven:
+    raise app.UsageError(f"--sizes: {uneven} do not divide over the "
+                         f"{mesh.num_devices} devices of --cpu_plan="
+                         f"{plan.name}.")
+  print(f"# cpu plan: {plan.name} ({plan.reason})")
   device = jax.devices()[0]
   print(f"# device: {device.platform} ({device.device_kind}), "
         f"{len(jax.devices())} device(s); host {platform.processor() or '?'}"
@@ -105,8 +131,9 @@ def main(argv):
   results = []
   for name in _ENVS.value:
     for size in _SIZES.value:
-      r = time_env(name, int(size), _STEPS.value, _REPEATS.value, viewport,
-                   _AUTO_RESET.value)
+      r = dict(time_env(name, int(size), _STEPS.value, _REPEATS.value,
+                        viewport, _AUTO_RESET.value, mesh),
+               cpu_plan=plan.name)
       results.append(r)
       obs = "x".join(map(str, r["obs_shape"]))
       print(f"{name:<12} {obs:<12} {r['batch']:>8} {r['steps_per_s']:>12,.0f} "

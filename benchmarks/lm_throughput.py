@@ -31,6 +31,8 @@ the largest configuration timed up to that row).
       --unroll_length=20 --repeats=3                     # a quick CPU check
   python -m benchmarks.lm_throughput --sizes=wikitext103 --compile_only
                                      # memory of the full batch, not run
+  python -m benchmarks.lm_throughput --sizes=small --cpu_plan=device_per_core
+                        # one single-threaded device per core (default auto)
   XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m \
       benchmarks.lm_throughput --sizes=wikitext103 --cores=rmc \
       --compile_only [--shard_params]   # 8 devices, 64 x 100 per device
@@ -54,6 +56,8 @@ import numpy as np
 
 from rmc_jax.experiments import lm
 from rmc_jax.lm import batcher as batcher_lib
+from rmc_jax.training import config as config_lib
+from rmc_jax.training import cpu_plan
 from rmc_jax.training import steps
 from rmc_jax.training.mesh import DataMesh
 
@@ -82,6 +86,10 @@ _COMPILE_ONLY = flags.DEFINE_bool(
 _SHARD_PARAMS = flags.DEFINE_bool(
     "shard_params", False, "Split large parameters and their Adam moments "
     "over the devices (config.shard_params) instead of replicating them.")
+_CPU_PLAN = flags.DEFINE_enum(
+    "cpu_plan", "auto", cpu_plan.PLANS,
+    "CPU devices and threads (rmc_jax/training/cpu_plan.py), one for all "
+    "the configs timed; ignored on accelerators.")
 _JSON = flags.DEFINE_string("json", None, "Also write the results here.")
 
 
@@ -105,15 +113,30 @@ def peak_rss_bytes() -> int:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
-def time_config(size: str, core: str, mesh: DataMesh) -> dict:
+def lm_config(size: str, core: str, num_devices: int):
+  """The variant's config as timed on `num_devices` devices."""
   variant, vocab_size, per_device = SIZES[size]
-  vocab_size = _VOCAB.value or vocab_size
   config = lm.get_config(variant)
   config.core = core
   config.seed = _SEED.value
-  config.batch_size = _BATCH.value or per_device * mesh.num_devices
+  config.vocab_size = _VOCAB.value or vocab_size
+  config.batch_size = _BATCH.value or per_device * num_devices
   config.unroll_length = _UNROLL.value
   config.shard_params = _SHARD_PARAMS.value
+  return config
+
+
+def plan_inputs(size: str, core: str) -> tuple[tuple[int, ...], int]:
+  """(batch sizes, widest matmul) of a config for `cpu_plan.choose`."""
+  config = lm_config(size, core, cpu_plan.usable_cores())
+  width = max(cpu_plan.core_width(core, config_lib.core_kwargs(config)),
+              lm.matmul_width(config))
+  return (config.batch_size,), width
+
+
+def time_config(size: str, core: str, mesh: DataMesh) -> dict:
+  config = lm_config(size, core, mesh.num_devices)
+  vocab_size = config.vocab_size
   mesh.check_batch_size(config.batch_size, "--batch_size")
   b, t = config.batch_size, config.unroll_length
 
@@ -193,8 +216,13 @@ def main(argv):
       _WARMUP.value < 0 or _VOCAB.value < 0:
     raise app.UsageError("--batch_size, --vocab_size and --warmup must be "
                          ">= 0; --unroll_length and --repeats >= 1.")
+  plan = cpu_plan.apply(cpu_plan.choose_for_process(
+      _CPU_PLAN.value,
+      [plan_inputs(size, core) for size in _SIZES.value
+       for core in _CORES.value]))
   mesh = DataMesh()
   device = jax.devices()[0]
+  print(f"cpu plan: {plan.name} ({plan.reason})")
   print(f"device: {mesh.num_devices} x {device.device_kind} "
         f"({platform.processor() or platform.machine()}), "
         f"jax {jax.__version__}; "
@@ -209,7 +237,7 @@ def main(argv):
   results = []
   for size in _SIZES.value:
     for core in _CORES.value:
-      r = time_config(size, core, mesh)
+      r = dict(time_config(size, core, mesh), cpu_plan=plan.name)
       results.append(r)
       print(f"{size:11} {core:4} {r['vocab_size']:>7} {r['batch_size']:>4} "
             f"{r['unroll_length']:>4} {r['num_params']:>12,} "

@@ -14,6 +14,12 @@ the measured weight-streaming bandwidth.
   python -m benchmarks.profile_core                       # C1-C4, RMC
   python -m benchmarks.profile_core --configs=C1 --repeats=2 --top=20
   python -m benchmarks.profile_core --core=lstm --remat --json=/tmp/p.json
+  python -m benchmarks.profile_core --configs=C1 --cpu_plan=device_per_core
+
+On a CPU `--cpu_plan` (rmc_jax/training/cpu_plan.py; "auto" chooses one plan
+for all the configs given) sets the threads; under "device_per_core" the
+profile is of what one device of such a run computes: its share of the batch,
+single-threaded.
 
 Op times are wall times: where thunks run concurrently on several threads,
 each shares the overlapping time evenly, so categories plus idle time add up
@@ -24,6 +30,7 @@ unprofiled one (both are reported).
 from __future__ import annotations
 
 import collections
+import dataclasses
 import glob
 import gzip
 import json
@@ -49,12 +56,17 @@ from benchmarks.core_configs import measure_matmul_peak
 from benchmarks.core_configs import median_seconds
 from benchmarks.core_configs import rmc_forward_flops_per_token
 from rmc_jax import make_core
+from rmc_jax.training import cpu_plan
 
 _CONFIGS = flags.DEFINE_list("configs", list(CONFIGS), "Named configs to run.")
 _CORE = flags.DEFINE_enum("core", "rmc", ["rmc", "lstm"], "Core to profile.")
 _REMAT = flags.DEFINE_bool("remat", False, "RelationalMemory(remat=True).")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed and profiled runs.")
 _TOP = flags.DEFINE_integer("top", 12, "Rows of the per-op table.")
+_CPU_PLAN = flags.DEFINE_enum(
+    "cpu_plan", "auto", cpu_plan.PLANS,
+    "CPU devices and threads (rmc_jax/training/cpu_plan.py), one for all "
+    "the configs; ignored on accelerators.")
 _JSON = flags.DEFINE_string("json", None, "Also write the results here.")
 
 CATEGORIES = ("matmul", "reduce", "elementwise", "copy/transpose/broadcast",
@@ -219,9 +231,12 @@ def measure_weight_bandwidth(repeats: int = 10) -> float:
   return w_KN.nbytes / median_seconds(lambda: matmul(x_RK, w_KN), repeats)
 
 
-def profile_config(name: str, peak: float, bandwidth: float) -> dict:
-  """Times, profiles and attributes one config's step; returns its results."""
+def profile_config(name: str, peak: float, bandwidth: float,
+                   devices: int) -> dict:
+  """Times, profiles and attributes one config's step, on one device's share
+  of the batch when a run would split it over `devices`."""
   c, repeats = CONFIGS[name], _REPEATS.value
+  c = dataclasses.replace(c, batch=c.batch // devices)
   grad_fn, params, inputs, fwd, recurrent_bytes = build_step(
       _CORE.value, c, _REMAT.value)
   compiled = grad_fn.lower(params, inputs).compile()  # Names the trace's ops.
@@ -259,7 +274,7 @@ def profile_config(name: str, peak: float, bandwidth: float) -> dict:
                             if ops[n]["flops"] and busy_us[n] else None))
          for n, us in wall_us.most_common(_TOP.value)]
   return dict(
-      config=name, core=_CORE.value, remat=_REMAT.value,
+      config=name, core=_CORE.value, remat=_REMAT.value, batch=c.batch,
       seconds_per_step=seconds, profiled_seconds_per_step=profiled,
       tokens_per_s=c.batch * c.steps / seconds,
       fraction_of_peak=flops / seconds / peak, op_time_sum=op_time,
@@ -279,7 +294,7 @@ def print_report(r: dict) -> None:
   ms, step = 1e3, r["profiled_seconds_per_step"]
   pct = lambda s: f"{100 * s / step:5.1f}%"
   print(f"== {r['config']} {r['core']}{' remat' if r['remat'] else ''}: "
-        f"B={c.batch} T={c.steps} mem {c.mem_slots}x{c.mem_size} ==")
+        f"B={r['batch']} T={c.steps} mem {c.mem_slots}x{c.mem_size} ==")
   print(f"step {r['seconds_per_step'] * ms:.2f} ms (median, unprofiled), "
         f"{r['tokens_per_s']:,.0f} tokens/s, "
         f"{100 * r['fraction_of_peak']:.1f}% of the matmul peak")
@@ -322,13 +337,24 @@ def print_report(r: dict) -> None:
 def main(argv):
   del argv
   check_config_names(_CONFIGS.value)
+  plan = cpu_plan.apply(cpu_plan.choose_for_process(
+      _CPU_PLAN.value,
+      [((CONFIGS[n].batch,), CONFIGS[n].mem_size) for n in _CONFIGS.value]))
+  uneven = [n for n in _CONFIGS.value if CONFIGS[n].batch % plan.devices]
+  if uneven:
+    raise app.UsageError(f"--cpu_plan={plan.name}: the batch of {uneven} "
+                         f"does not divide over {plan.devices} devices.")
+  print(f"cpu plan: {plan.name} ({plan.reason})"
+        + (f"; profiling one device's 1/{plan.devices} of each batch"
+           if plan.devices > 1 else ""))
   peak, bandwidth = measure_matmul_peak(), measure_weight_bandwidth()
   print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}; "
         f"float32 matmul peak {peak / 1e9:.1f} GFLOP/s, weight streaming "
         f"{bandwidth / 1e9:.1f} GB/s\n")
   results = []
   for name in _CONFIGS.value:
-    results.append(profile_config(name, peak, bandwidth))
+    results.append(dict(profile_config(name, peak, bandwidth, plan.devices),
+                        cpu_plan=plan.name))
     print_report(results[-1])
   if _JSON.value:
     with open(_JSON.value, "w") as f:

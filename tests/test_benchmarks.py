@@ -4,6 +4,7 @@ No timing is asserted (timings belong in the benchmarks' own output); the
 checks are on what must hold whatever the machine's speed.
 """
 
+import dataclasses
 import json
 import math
 import os
@@ -13,6 +14,7 @@ import sys
 import pytest
 
 from benchmarks import core_configs
+from rmc_jax.training import cpu_plan
 from tests import helpers
 
 
@@ -37,6 +39,14 @@ def profile(tmp_path_factory):
 def test_profile_accounts_for_the_whole_step(profile):
   row, stdout = profile
   c = core_configs.CONFIGS["C1"]
+  # C1 is a small core: "auto" profiles one device's share of the batch
+  # where there are cores to split it over.
+  devices = cpu_plan.usable_cores()
+  if row["cpu_plan"] == "device_per_core":
+    assert devices > 1 and row["batch"] == c.batch // devices
+  else:
+    assert row["batch"] == c.batch
+  c = dataclasses.replace(c, batch=row["batch"])
   # Categories plus the idle time between ops are the profiled step.
   accounted = sum(row["categories"].values()) + row["overhead"]
   assert accounted == pytest.approx(row["profiled_seconds_per_step"], rel=0.01)
@@ -70,3 +80,21 @@ def test_core_throughput_compile_only_reports_memory(tmp_path):
   assert rows[0]["params"] == core_configs.count_rmc_params(
       core_configs.CONFIGS["C1"])
   assert "temp MiB" in stdout
+
+
+def test_env_and_lm_benchmarks_split_over_the_devices_of_their_plan(tmp_path):
+  devices = cpu_plan.usable_cores()
+  rows, stdout = _run("benchmarks.env_throughput", "--envs=boxworld",
+                      f"--sizes={2 * devices}", "--steps=2", "--repeats=1",
+                      "--cpu_plan=device_per_core", tmp_path=str(tmp_path))
+  assert f"{devices} device(s)" in stdout
+  [row] = rows["results"]
+  assert row["cpu_plan"] == "device_per_core"
+  assert row["steps_per_s"] == pytest.approx(
+      row["batch"] * row["steps"] / row["median_s"])
+  rows, _ = _run("benchmarks.lm_throughput", "--sizes=small", "--cores=lstm",
+                 "--vocab_size=12000", f"--batch_size={2 * devices}",
+                 "--unroll_length=4", "--compile_only",
+                 "--cpu_plan=device_per_core", tmp_path=str(tmp_path))
+  [row] = rows
+  assert (row["cpu_plan"], row["num_devices"]) == ("device_per_core", devices)

@@ -38,6 +38,19 @@ def test_choose_one_core_and_bad_name():
     cpu_plan.choose("fast", (8,), 16)
 
 
+def test_one_plan_for_a_process_of_several_configs():
+  small, large = ((256,), 128), ((256,), cpu_plan.SMALL_CORE_WIDTH + 1)
+  choose = lambda runs: cpu_plan.choose_for_process("auto", runs, cores=4)
+  assert choose([small, small]).name == "device_per_core"
+  assert choose([large]).name == "threads"
+  mixed = choose([small, large])
+  assert (mixed.name, mixed.devices) == ("threads", 1)
+  assert "different plans" in mixed.reason
+  assert choose([]).name == "threads"
+  requested = cpu_plan.choose_for_process("device_per_core", [large], cores=4)
+  assert (requested.name, requested.devices) == ("device_per_core", 4)
+
+
 def test_flags():
   plan = cpu_plan.CpuPlan("device_per_core", 3, "")
   assert plan.xla_flags() == (

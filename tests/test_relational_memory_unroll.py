@@ -2,7 +2,7 @@
 
 Gradients of `core.unroll` (activations stored, and recomputed) must equal
 `jax.grad` of `hk.dynamic_unroll` over `__call__`, in float64, to a relative
-error of 1e-9, for every gate style, 1 and 3 blocks, and matrix inputs; and
+error of 1e-9, for every gate style, 1 and 2 blocks, and matrix inputs; and
 the backward pass must keep the weights once, not once per step.
 """
 
@@ -120,9 +120,10 @@ def _max_relative_error(reference, other):
 
 # Every gate style, both block counts and both input kinds (the full
 # 3 x 2 x 2 product costs three times the time for no other path; the tests
-# below add 2 blocks with each gate style but None).
+# below add 2 blocks with unit and memory gates). Two blocks already chain a
+# block's output into the next block's input, as any more do.
 @pytest.mark.parametrize("gate_style,num_blocks,matrix", [
-    ("unit", 3, True), ("memory", 1, False), (None, 3, False),
+    ("unit", 2, True), ("memory", 1, False), (None, 2, False),
     (None, 1, True)])
 def test_fast_path_gradients_equal_dynamic_unroll(gate_style, num_blocks,
                                                   matrix):

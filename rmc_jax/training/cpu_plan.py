@@ -132,6 +132,23 @@ def choose(requested: str, batch_sizes: tuple[int, ...], width: int,
                  f"{cores} cores")
 
 
+def choose_for_process(requested: str,
+                       runs: list[tuple[tuple[int, ...], int]],
+                       cores: int | None = None) -> CpuPlan:
+  """One plan for a process that runs several configs in turn: `choose` for
+  each `(batch_sizes, width)` of `runs`; "auto" falls back to "threads"
+  when they disagree or there is no core to size the plan by."""
+  if requested != "auto":
+    return choose(requested, (), 0, cores)
+  if not runs:
+    return CpuPlan("threads", 1, "no memory core to size the plan by")
+  plans = [choose("auto", b, w, cores) for b, w in runs]
+  if len({p.name for p in plans}) > 1:
+    return CpuPlan("threads", 1, "the configs would choose different plans "
+                   "(run them one at a time to give each its own)")
+  return plans[0]
+
+
 def apply(plan: CpuPlan) -> CpuPlan:
   """Sets XLA_FLAGS for `plan` in this process; returns what was applied
   ("off" with the reason when the plan does not apply here).

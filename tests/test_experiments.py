@@ -28,6 +28,17 @@ def test_every_variant_is_named_and_valid(name):
   assert module.RESULTS.metric in module.RESULTS.metrics
 
 
+def test_lte_cpu_control_is_cpu_with_control_at_one_digit():
+  """The grid behind docs/results.md's control numbers ran `cpu` with
+  `--config.task=control --config.max_length=1`: the variant must be it."""
+  cpu = experiments.get_config("learn_to_execute:cpu").to_dict()
+  control = experiments.get_config("learn_to_execute:cpu_control").to_dict()
+  differ = {k for k in cpu.keys() | control.keys()
+            if cpu.get(k) != control.get(k)}
+  assert differ == {"task", "max_length"}
+  assert (control["task"], control["max_length"]) == ("control", 1)
+
+
 def test_unknown_names_are_one_line_errors():
   with pytest.raises(ValueError, match="unknown experiment 'bogus'"):
     experiments.get("bogus")
